@@ -1,0 +1,297 @@
+"""Synthetic workloads: arrivals from a renewal process, lengths from simple distributions.
+
+Arrivals are a unit-rate renewal process (exponential gaps for Poisson, gamma gaps with a
+given coefficient of variation for bursty traffic) mapped through the inverse of the
+cumulative rate function of a piecewise-constant rate schedule. Time-rescaling is exact
+for Poisson and keeps the gamma gaps' CV within each constant-rate segment, unlike
+thinning. Prompt and output lengths are drawn independently per request.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from sim.errors import InputError
+from sim.workload.options import (
+    as_dict,
+    assign_qos_classes,
+    plain,
+    positive_number,
+    qos_probabilities,
+    whole_number,
+)
+from sim.workload.table import Workload, make_requests
+from sim.workload.traces import read_token_column
+
+ARRIVAL_KINDS = ("poisson", "gamma")
+LENGTH_KINDS = ("lognormal", "constant", "empirical")
+
+
+@dataclass(frozen=True)
+class ArrivalProcess:
+    """A renewal process on a rate schedule.
+
+    Invariant: exactly one of `rate_qps` (constant) and `schedule` ((duration_s, rate_qps)
+    segments, all > 0) is set; `cv` > 0 is the inter-arrival CV (1 for Poisson).
+    """
+
+    kind: str
+    """"poisson" or "gamma"."""
+    rate_qps: float | None = None
+    """Constant mean arrival rate, requests per second."""
+    schedule: tuple[tuple[float, float], ...] | None = None
+    """Piecewise-constant rate: consecutive (duration_s, rate_qps) segments."""
+    repeat: bool = False
+    """Whether the schedule repeats forever (else it ends after its total duration)."""
+    cv: float = 1.0
+    """Coefficient of variation of the gaps between arrivals at a constant rate."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ARRIVAL_KINDS:
+            raise InputError(f"unknown arrival kind; use one of {list(ARRIVAL_KINDS)}", field="arrival.kind", value=self.kind)
+        if (self.rate_qps is None) == (self.schedule is None):
+            raise InputError("give exactly one of rate_qps and schedule", field="arrival", value=self.rate_qps)
+        if self.rate_qps is not None:
+            positive_number(self.rate_qps, "arrival.rate_qps")
+            if self.repeat:
+                raise InputError("repeat applies to a schedule only", field="arrival.repeat", value=self.repeat)
+        if self.schedule is not None:
+            if not self.schedule:
+                raise InputError("must hold at least one [duration_s, rate_qps] segment", field="arrival.schedule", value=[])
+            for i, (duration_s, rate_qps) in enumerate(self.schedule):
+                positive_number(duration_s, f"arrival.schedule[{i}].duration_s")
+                positive_number(rate_qps, f"arrival.schedule[{i}].rate_qps")
+        positive_number(self.cv, "arrival.cv")
+        if self.kind == "poisson" and self.cv != 1.0:
+            raise InputError("cv applies to kind 'gamma' only (Poisson gaps have cv 1)", field="arrival.cv", value=self.cv)
+
+    @classmethod
+    def from_config(cls, arrival: object) -> ArrivalProcess:
+        """Build from the `arrival` dict of `synthetic` (kind, rate_qps | schedule, repeat, cv)."""
+        config = as_dict(arrival, "arrival", {"kind", "rate_qps", "schedule", "repeat", "cv"})
+        kind = config.get("kind")
+        if kind == "gamma" and "cv" not in config:
+            raise InputError("kind 'gamma' needs cv (the inter-arrival coefficient of variation)", field="arrival.cv")
+        schedule = config.get("schedule")
+        if schedule is not None:
+            if not isinstance(schedule, list) or not all(isinstance(s, list) and len(s) == 2 for s in schedule):
+                raise InputError("must be a list of [duration_s, rate_qps] pairs", field="arrival.schedule", value=schedule)
+            schedule = tuple((d, r) for d, r in schedule)
+        repeat = config.get("repeat", False)
+        if not isinstance(repeat, bool):
+            raise InputError("must be true or false", field="arrival.repeat", value=repeat)
+        cv = config.get("cv", 1.0)
+        if kind == "poisson" and "cv" in config:
+            raise InputError("cv applies to kind 'gamma' only (Poisson gaps have cv 1)", field="arrival.cv", value=cv)
+        return cls(kind=kind, rate_qps=config.get("rate_qps"), schedule=schedule, repeat=repeat, cv=cv)
+
+    @property
+    def ends(self) -> bool:
+        """Whether the process stops by itself (a schedule without repeat)."""
+        return self.schedule is not None and not self.repeat
+
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Segment boundaries in seconds and in expected arrivals (cumulative rate)."""
+        durations = np.array([d for d, _ in self.schedule], dtype=float)
+        rates = np.array([r for _, r in self.schedule], dtype=float)
+        return np.concatenate([[0.0], np.cumsum(durations)]), np.concatenate([[0.0], np.cumsum(durations * rates)])
+
+    def expected_arrivals(self, t_s: float) -> float:
+        """Cumulative rate: expected number of arrivals in [0, t_s]."""
+        if self.rate_qps is not None:
+            return self.rate_qps * t_s
+        bounds_s, bounds_n = self._bounds()
+        if not self.repeat:
+            return float(np.interp(min(t_s, bounds_s[-1]), bounds_s, bounds_n))
+        periods = math.floor(t_s / bounds_s[-1])
+        return periods * bounds_n[-1] + float(np.interp(t_s - periods * bounds_s[-1], bounds_s, bounds_n))
+
+    def time_at(self, expected: np.ndarray) -> np.ndarray:
+        """Inverse of the cumulative rate: the time by which `expected` arrivals are due."""
+        if self.rate_qps is not None:
+            return expected / self.rate_qps
+        bounds_s, bounds_n = self._bounds()
+        if not self.repeat:
+            return np.interp(expected, bounds_n, bounds_s)
+        periods = np.floor(expected / bounds_n[-1])
+        times = periods * bounds_s[-1] + np.interp(expected - periods * bounds_n[-1], bounds_n, bounds_s)
+        return np.maximum.accumulate(times)  # guards against rounding at period edges
+
+    def unit_gaps(self, rng: np.random.Generator, num: int) -> np.ndarray:
+        """Gaps of the unit-rate renewal process (mean 1, CV `cv`)."""
+        if self.kind == "poisson":
+            return rng.exponential(1.0, num)
+        shape = 1.0 / self.cv**2
+        return rng.gamma(shape, 1.0 / shape, num)
+
+    def sample(self, rng: np.random.Generator, *, num_requests: int | None, duration_s: float | None) -> np.ndarray:
+        """Arrival times: the first `num_requests` arrivals, or all arrivals before `duration_s`."""
+        if num_requests is not None:
+            return self.time_at(np.cumsum(self.unit_gaps(rng, num_requests)))
+        horizon = self.expected_arrivals(duration_s)
+        chunk = int(horizon + 6.0 * max(self.cv, 1.0) * math.sqrt(horizon) + 32)
+        parts, total = [], 0.0
+        while total < horizon:  # one pass almost always
+            cumulative = total + np.cumsum(self.unit_gaps(rng, chunk))
+            parts.append(cumulative)
+            total = float(cumulative[-1])
+        expected = np.concatenate(parts)
+        times = self.time_at(expected[expected < horizon])
+        return times[times < duration_s]
+
+    def total_duration_s(self) -> float:
+        """Length of a schedule without repeat."""
+        return float(sum(d for d, _ in self.schedule))
+
+    def describe(self) -> str:
+        kind = self.kind if self.kind == "poisson" else f"gamma cv={self.cv:g}"
+        if self.rate_qps is not None:
+            return f"{kind}, {self.rate_qps:g} qps"
+        segments = "/".join(f"{r:g} qps for {d:g} s" for d, r in self.schedule)
+        return f"{kind}, schedule {segments}" + (" repeating" if self.repeat else "")
+
+
+@dataclass(frozen=True)
+class LengthDistribution:
+    """Token counts per request.
+
+    Invariant: "lognormal" has median > 0 and sigma > 0; "constant" a value >= 1;
+    "empirical" a CSV path and column. Draws are whole numbers clipped to [min, max].
+    """
+
+    kind: str
+    """"lognormal", "constant" or "empirical"."""
+    median: float | None = None
+    """Lognormal median (tokens)."""
+    sigma: float | None = None
+    """Lognormal shape: standard deviation of log(tokens)."""
+    value: int | None = None
+    """Constant token count."""
+    path: str | None = None
+    """Empirical: CSV file to resample from (relative paths via `sim.paths.project_path`)."""
+    column: str | None = None
+    """Empirical: column of that file."""
+    min_tokens: int = 1
+    """Smallest draw (config key "min")."""
+    max_tokens: int | None = None
+    """Largest draw (config key "max"); None for no cap."""
+    name: str = "tokens"
+    """Config field this came from, for error messages."""
+
+    def __post_init__(self) -> None:
+        name = self.name
+        if self.kind not in LENGTH_KINDS:
+            raise InputError(f"unknown length kind; use one of {list(LENGTH_KINDS)}", field=f"{name}.kind", value=self.kind)
+        needed = {"lognormal": ("median", "sigma"), "constant": ("value",), "empirical": ("path", "column")}[self.kind]
+        for key in needed:
+            if getattr(self, key) is None:
+                raise InputError(f"kind {self.kind!r} needs {key}", field=f"{name}.{key}")
+        if self.kind == "lognormal":
+            positive_number(self.median, f"{name}.median")
+            positive_number(self.sigma, f"{name}.sigma")
+        if self.kind == "constant":
+            whole_number(self.value, f"{name}.value", minimum=1)
+        if self.kind == "empirical" and not (isinstance(self.path, str) and isinstance(self.column, str)):
+            raise InputError("path and column must be text", field=f"{name}.path", value=self.path)
+        whole_number(self.min_tokens, f"{name}.min", minimum=1)
+        if self.max_tokens is not None:
+            whole_number(self.max_tokens, f"{name}.max", minimum=self.min_tokens)
+
+    @classmethod
+    def from_config(cls, config: object, name: str) -> LengthDistribution:
+        """Build from a length dict of `synthetic` (kind plus its keys, optional min/max)."""
+        allowed = {"kind", "median", "sigma", "value", "path", "column", "min", "max"}
+        config = dict(as_dict(config, name, allowed))
+        kind = config.pop("kind", None)
+        own = {"lognormal": {"median", "sigma", "min", "max"}, "constant": {"value"}, "empirical": {"path", "column", "min", "max"}}
+        extra = sorted(set(config) - own.get(kind, set(config)))
+        if extra:
+            raise InputError(f"key(s) {extra} do not apply to kind {kind!r}", field=name, value=config)
+        return cls(
+            kind=kind,
+            min_tokens=config.pop("min", 1),
+            max_tokens=config.pop("max", None),
+            name=name,
+            **config,
+        )
+
+    def sample(self, rng: np.random.Generator, num: int) -> np.ndarray:
+        """`num` whole token counts (reads the CSV file for "empirical")."""
+        if self.kind == "constant":
+            return np.full(num, int(self.value), dtype=np.int64)
+        if self.kind == "lognormal":
+            draws = np.rint(rng.lognormal(math.log(self.median), self.sigma, num))
+        else:
+            draws = rng.choice(read_token_column(self.path, self.column), size=num, replace=True)
+        high = np.inf if self.max_tokens is None else self.max_tokens
+        return np.clip(draws, self.min_tokens, high).astype(np.int64)
+
+    def describe(self) -> str:
+        if self.kind == "lognormal":
+            return f"lognormal median={self.median:g} sigma={self.sigma:g}"
+        if self.kind == "constant":
+            return f"constant {self.value}"
+        return f"empirical {self.path}:{self.column}"
+
+
+def synthetic(
+    *,
+    num_requests: int | None = None,
+    duration_s: float | None = None,
+    arrival: dict,
+    prompt_tokens: dict,
+    output_tokens: dict,
+    qos_shares: dict[str, float] | None = None,
+    seed: int = 0,
+    model: str = "",
+) -> Workload:
+    """A generated workload: give exactly one of `num_requests` and `duration_s`.
+
+    A schedule without repeat sets the duration itself (give neither). Arrivals, prompt
+    lengths, output lengths and QoS classes use independent streams spawned from
+    `numpy.random.default_rng(seed)`, so changing one leaves the others' draws unchanged.
+    """
+    process = ArrivalProcess.from_config(arrival)
+    prompt = LengthDistribution.from_config(prompt_tokens, "prompt_tokens")
+    output = LengthDistribution.from_config(output_tokens, "output_tokens")
+    qos_probabilities(qos_shares)
+    seed = whole_number(seed, "seed", minimum=0)
+    if not isinstance(model, str):
+        raise InputError("must be text", field="model", value=model)
+    if process.ends:
+        if num_requests is not None or duration_s is not None:
+            given = "num_requests" if num_requests is not None else "duration_s"
+            raise InputError(
+                "a schedule without repeat sets the duration itself; drop this or set arrival.repeat: true",
+                field=given,
+                value=num_requests if num_requests is not None else duration_s,
+            )
+        duration_s = process.total_duration_s()
+    elif (num_requests is None) == (duration_s is None):
+        raise InputError(
+            "give exactly one of num_requests and duration_s",
+            field="num_requests/duration_s",
+            value=(num_requests, duration_s),
+        )
+    if num_requests is not None:
+        num_requests = whole_number(num_requests, "num_requests", minimum=1)
+    else:
+        duration_s = positive_number(duration_s, "duration_s")
+
+    arrival_rng, prompt_rng, output_rng, qos_rng = np.random.default_rng(seed).spawn(4)
+    arrival_s = process.sample(arrival_rng, num_requests=num_requests, duration_s=duration_s)
+    num = len(arrival_s)
+    if num == 0:
+        raise InputError(f"no request arrives within {duration_s:g} s at this rate", field="duration_s", value=duration_s)
+    requests = make_requests(
+        arrival_s,
+        prompt.sample(prompt_rng, num),
+        output.sample(output_rng, num),
+        model,
+        assign_qos_classes(num, plain(qos_shares), qos_rng),
+    )
+    source = f"synthetic({process.describe()}, seed={seed})"
+    return Workload(requests=requests, source=source)
