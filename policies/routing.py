@@ -1,0 +1,49 @@
+"""Routers: the cluster-level choice of replica for each arriving request.
+
+Each router sees the replicas that serve the request's model and returns an index into
+that list. Ties break by list position, so runs are deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from sim.request import Request
+from sim.scheduling import ReplicaLoad
+
+
+class RoundRobin:
+    """Cycle through the replicas in order (per model group)."""
+
+    def __init__(self) -> None:
+        self._next: dict[int, int] = {}
+
+    def route(self, request: Request, replicas: Sequence[ReplicaLoad], now: float) -> int:
+        key = id(replicas)
+        i = self._next.get(key, 0) % len(replicas)
+        self._next[key] = i + 1
+        return i
+
+
+class LeastOutstandingRequests:
+    """The replica holding the fewest unfinished requests (waiting + running)."""
+
+    def route(self, request: Request, replicas: Sequence[ReplicaLoad], now: float) -> int:
+        best, best_load = 0, None
+        for i, r in enumerate(replicas):
+            load = r.num_outstanding_requests
+            if best_load is None or load < best_load:
+                best, best_load = i, load
+        return best
+
+
+class LeastOutstandingTokens:
+    """The replica with the fewest tokens still to compute (prompts left plus outputs left)."""
+
+    def route(self, request: Request, replicas: Sequence[ReplicaLoad], now: float) -> int:
+        best, best_load = 0, None
+        for i, r in enumerate(replicas):
+            load = r.num_outstanding_tokens
+            if best_load is None or load < best_load:
+                best, best_load = i, load
+        return best

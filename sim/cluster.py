@@ -1,0 +1,235 @@
+"""A serving cluster: replicas behind a router, fed by a workload, run to an outcome per request.
+
+`simulate` is the one entry point: it builds the SimPy environment, one `Replica` per
+`ReplicaSpec`, an arrivals process that routes each request at its arrival time, and runs
+until every request has its outcome (finished or rejected) or the horizon passes (the rest
+are `unfinished`). It returns tables, never prints; Hydra apps and notebooks format them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import simpy
+
+from sim.costmodel import CostModel
+from sim.errors import InputError
+from sim.metrics import request_table
+from sim.replica import Replica
+from sim.request import FINISHED, REJECTED, UNFINISHED, Request
+from sim.scheduling import BatchPolicy, EngineLimits, Router
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """One replica's hardware, model, engine limits, cost model and batch policy."""
+
+    cost_model: CostModel
+    """Step shape -> seconds on this replica's hardware (TP degree included)."""
+    policy_factory: Callable[[], BatchPolicy]
+    """Builds this replica's batch policy (policies may keep per-replica state)."""
+    limits: EngineLimits = field(default_factory=EngineLimits)
+    """vLLM-style engine limits."""
+    num_kv_blocks: int | None = None
+    """KV-cache blocks; None asks the cost model (GPU memory minus weights)."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    name: str = ""
+    """Label in tables and plots (default `replica<i>`)."""
+    model: str = ""
+    """Model served; requests naming another model never come here. '' serves any."""
+    hardware: str = ""
+    """Hardware label (e.g. 'a100-80gb')."""
+    tp: int = 1
+    """Tensor-parallel degree (informational; the cost model already reflects it)."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"ReplicaSpec.block_size must be >= 1, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"ReplicaSpec.num_kv_blocks must be >= 1 or None, got {self.num_kv_blocks}")
+
+    def resolve_kv_blocks(self) -> int:
+        """The KV blocks this replica has: given explicitly, else from the cost model."""
+        if self.num_kv_blocks is not None:
+            return self.num_kv_blocks
+        blocks = self.cost_model.num_kv_blocks(self.block_size)
+        if blocks is None:
+            raise InputError(
+                f"cost model {getattr(self.cost_model, 'name', '?')!r} does not know the KV capacity; "
+                "set num_kv_blocks for this replica",
+                field="num_kv_blocks", value=None,
+            )
+        return int(blocks)
+
+
+@dataclass
+class SimResult:
+    """Everything a run produced: one row a request, one row an engine step."""
+
+    requests: pd.DataFrame
+    steps: pd.DataFrame
+    replicas: pd.DataFrame
+    end_s: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def simulate(
+    workload: pd.DataFrame,
+    replicas: Sequence[ReplicaSpec],
+    router: Router,
+    *,
+    horizon_s: float | None = None,
+    fast_forward: bool = True,
+    check_plans: bool = False,
+    progress: bool = False,
+) -> SimResult:
+    """Run `workload` (columns arrival_s, num_prompt_tokens, num_output_tokens[, model,
+    qos_class, request_id]) through the cluster; every request ends finished, rejected or
+    unfinished (still in the system at `horizon_s`)."""
+    if not replicas:
+        raise InputError("the cluster has no replicas", field="replicas", value=0)
+    if horizon_s is not None and not horizon_s > 0:
+        raise InputError("horizon must be > 0 seconds or null", field="horizon_s", value=horizon_s)
+    requests = _make_requests(workload)
+    env = simpy.Environment()
+    n_total = len(requests)
+    done_count = [0]
+    all_done = env.event()
+
+    def on_outcome(_req: Request) -> None:
+        done_count[0] += 1
+        if done_count[0] == n_total and not all_done.triggered:
+            all_done.succeed()
+
+    reps: list[Replica] = []
+    for i, spec in enumerate(replicas):
+        reps.append(Replica(
+            env, i, spec.cost_model, spec.policy_factory(), spec.limits, spec.resolve_kv_blocks(),
+            spec.block_size, name=spec.name or f"replica{i}", model=spec.model,
+            fast_forward=fast_forward, check_plans=check_plans, on_finish=on_outcome,
+        ))
+    by_model: dict[str, list[Replica]] = {}
+
+    def eligible(model: str) -> list[Replica]:
+        group = by_model.get(model)
+        if group is None:
+            group = [r for r in reps if not r.model or not model or r.model == model]
+            by_model[model] = group
+        return group
+
+    def reject(req: Request, reason: str) -> None:
+        req.outcome = REJECTED
+        req.reject_reason = reason
+        on_outcome(req)
+
+    bar = _progress_bar(progress, requests, horizon_s)
+
+    def arrivals():
+        last_update = 0.0
+        for k, req in enumerate(requests):
+            delay = req.arrival_s - env.now
+            if delay > 0:
+                yield env.timeout(delay)
+            group = eligible(req.model)
+            if not group:
+                reject(req, "no_replica_for_model")
+                continue
+            target = group[router.route(req, group, env.now)]
+            why = target.can_ever_fit(req)
+            if why:
+                fits = [r for r in group if not r.can_ever_fit(req)]
+                if not fits:
+                    reject(req, why)
+                    continue
+                target = fits[router.route(req, fits, env.now)]
+            target.submit(req)
+            if bar is not None and (k & 1023) == 0:
+                bar.update(env.now - last_update)
+                last_update = env.now
+
+    env.process(arrivals())
+    if n_total == 0:
+        all_done.succeed()
+    until = all_done if horizon_s is None else env.any_of([all_done, env.timeout(horizon_s)])
+    try:
+        env.run(until=until)
+    except RuntimeError as exc:  # the event queue ran dry before every request ended
+        stuck = [r for r in requests if r.outcome is None]
+        raise RuntimeError(
+            f"simulation stalled at t={env.now:.3f}s with {len(stuck)} requests unfinished "
+            f"(first: {stuck[:3]}); a batch policy stopped scheduling"
+        ) from exc
+    finally:
+        if bar is not None:
+            bar.close()
+    end_s = env.now
+    for rep in reps:
+        rep.flush(end_s)
+    for req in requests:
+        if req.outcome is None:
+            req.outcome = UNFINISHED
+    ends = [rep.steps.end_times() for rep in reps]
+    req_df = request_table(requests, ends)
+    steps_df = _steps_table(reps)
+    rep_df = pd.DataFrame({
+        "replica": [r.replica_id for r in reps],
+        "name": [r.name for r in reps],
+        "model": [r.model for r in reps],
+        "hardware": [s.hardware for s in replicas],
+        "tp": [s.tp for s in replicas],
+        "cost_model": [getattr(s.cost_model, "name", type(s.cost_model).__name__) for s in replicas],
+        "policy": [type(r.policy).__name__ for r in reps],
+        "num_kv_blocks": [r.kv.num_blocks for r in reps],
+        "block_size": [r.kv.block_size for r in reps],
+        "max_num_seqs": [r.limits.max_num_seqs for r in reps],
+        "max_num_batched_tokens": [r.limits.max_num_batched_tokens for r in reps],
+        "num_steps": [r.steps.num_steps for r in reps],
+    })
+    info = {"num_requests": n_total, "end_s": end_s, "horizon_s": horizon_s,
+            "fast_forward": fast_forward, "num_steps": int(sum(r.steps.num_steps for r in reps))}
+    return SimResult(req_df, steps_df, rep_df, end_s, info)
+
+
+def _make_requests(workload: pd.DataFrame) -> list[Request]:
+    for col in ("arrival_s", "num_prompt_tokens", "num_output_tokens"):
+        if col not in workload.columns:
+            raise InputError(f"workload table lacks column {col!r} (has {list(workload.columns)})", field=col)
+    arr = workload["arrival_s"].to_numpy(dtype=float)
+    p = workload["num_prompt_tokens"].to_numpy()
+    o = workload["num_output_tokens"].to_numpy()
+    if len(arr) and (not np.all(np.isfinite(arr)) or arr.min() < 0 or np.any(np.diff(arr) < 0)):
+        raise InputError("arrival_s must be finite, >= 0 and non-decreasing", field="arrival_s")
+    if len(p) and (p.min() < 1 or o.min() < 1):
+        raise InputError("token counts must be >= 1", field="num_prompt_tokens/num_output_tokens")
+    n = len(arr)
+    ids = workload["request_id"].to_numpy() if "request_id" in workload.columns else np.arange(n)
+    models = workload["model"].astype(str).tolist() if "model" in workload.columns else [""] * n
+    classes = workload["qos_class"].astype(str).tolist() if "qos_class" in workload.columns else ["default"] * n
+    return [Request(int(i), float(a), int(pp), int(oo), m, q)
+            for i, a, pp, oo, m, q in zip(ids.tolist(), arr.tolist(), p.tolist(), o.tolist(), models, classes)]
+
+
+def _steps_table(reps: list[Replica]) -> pd.DataFrame:
+    frames = []
+    for rep in reps:
+        cols = rep.steps.columns()
+        df = pd.DataFrame(cols)
+        df.insert(0, "step", np.arange(len(df), dtype=np.int64))
+        df.insert(0, "replica", np.full(len(df), rep.replica_id, dtype=np.int64))
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _progress_bar(enabled: bool, requests: list[Request], horizon_s: float | None):
+    if not enabled or not requests:
+        return None
+    from tqdm.auto import tqdm
+
+    total = requests[-1].arrival_s if horizon_s is None else min(horizon_s, requests[-1].arrival_s)
+    return tqdm(total=math.ceil(total), unit="sim-s", desc="simulating arrivals", leave=False,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} sim-s [{elapsed}<{remaining}]")

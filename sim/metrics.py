@@ -1,0 +1,209 @@
+"""Metrics: pure functions over the request and step tables.
+
+Latency definitions (all in seconds, finished requests only unless stated):
+- TTFT: first output token time - arrival; E2E: finish - arrival;
+- TPOT: (finish - first token) / (output tokens - 1), a request's mean time per output token;
+- TBT: every gap between consecutive output tokens of a request (pooled over requests for
+  the percentiles; per request via `request_tbt_s`).
+Token times come from the step table: a request records the runs of step indices at whose
+end it emitted a token (`token_steps` = [a1, b1, a2, b2, ...]), so no per-token list is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from sim.request import FINISHED, OUTCOMES, Request
+
+PERCENTILES = (50, 90, 99)
+
+
+def request_table(requests: Sequence[Request], step_end_times: Sequence[np.ndarray]) -> pd.DataFrame:
+    """One row a request, with derived latencies and each request's longest token gap."""
+    n = len(requests)
+    col = lambda attr, dtype: np.fromiter((getattr(r, attr) for r in requests), dtype=dtype, count=n)  # noqa: E731
+    df = pd.DataFrame({
+        "request_id": col("request_id", np.int64),
+        "arrival_s": col("arrival_s", np.float64),
+        "model": [r.model for r in requests],
+        "qos_class": [r.qos_class for r in requests],
+        "num_prompt_tokens": col("num_prompt_tokens", np.int64),
+        "num_output_tokens": col("num_output_tokens", np.int64),
+        "num_output_tokens_done": col("num_output_done", np.int64),
+        "replica": col("replica", np.int64),
+        "outcome": pd.Categorical([r.outcome for r in requests], categories=list(OUTCOMES)),
+        "reject_reason": [r.reject_reason for r in requests],
+        "first_scheduled_s": col("first_scheduled_s", np.float64),
+        "first_token_s": col("first_token_s", np.float64),
+        "finish_s": col("finish_s", np.float64),
+        "num_preemptions": col("num_preemptions", np.int64),
+    })
+    df["ttft_s"] = df["first_token_s"] - df["arrival_s"]
+    df["e2e_s"] = df["finish_s"] - df["arrival_s"]
+    gaps = (df["num_output_tokens_done"] - 1).where(df["num_output_tokens_done"] > 1)
+    df["tpot_s"] = (df["finish_s"] - df["first_token_s"]) / gaps
+    df["tbt_max_s"] = _max_gap(requests, step_end_times)
+    df["token_steps"] = [np.asarray(r.token_steps, dtype=np.int32) for r in requests]
+    return df
+
+
+def _segments(token_steps: Sequence, replicas: np.ndarray):
+    """Flatten per-request runs into arrays (request index, replica, first step, last step)."""
+    lens = np.fromiter((len(t) // 2 for t in token_steps), dtype=np.int64, count=len(token_steps))
+    if lens.sum() == 0:
+        e = np.empty(0, dtype=np.int64)
+        return e, e, e, e
+    flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in token_steps if len(t)])
+    idx = np.repeat(np.arange(len(token_steps)), lens)
+    return idx, replicas[idx], flat[0::2], flat[1::2]
+
+
+def _gap_arrays(step_end_times: Sequence[np.ndarray]):
+    """Per-step gap to the previous step's end, all replicas concatenated, plus offsets."""
+    offsets = np.cumsum([0] + [len(e) for e in step_end_times])
+    gaps = np.concatenate([np.diff(e, prepend=np.nan) for e in step_end_times] + [np.array([np.nan])])
+    ends = np.concatenate(list(step_end_times) + [np.array([np.nan])])
+    return gaps, ends, offsets
+
+
+def _max_gap(requests: Sequence[Request], step_end_times: Sequence[np.ndarray]) -> np.ndarray:
+    out = np.full(len(requests), np.nan)
+    replicas = np.fromiter((r.replica for r in requests), dtype=np.int64, count=len(requests))
+    idx, rep, a, b = _segments([r.token_steps for r in requests], replicas)
+    if idx.size == 0:
+        return out
+    gaps, ends, offsets = _gap_arrays(step_end_times)
+    base = offsets[rep]
+    inner = b > a
+    if inner.any():
+        starts = base[inner] + a[inner] + 1
+        stops = base[inner] + b[inner] + 1
+        bounds = np.empty(2 * starts.size, dtype=np.int64)
+        bounds[0::2], bounds[1::2] = starts, stops
+        seg_max = np.maximum.reduceat(gaps, bounds)[0::2]
+        np.fmax.at(out, idx[inner], seg_max)
+    # Gaps across a preemption: from the last token of one run to the first of the next.
+    same = idx[1:] == idx[:-1]
+    if same.any():
+        cross = ends[base[1:][same] + a[1:][same]] - ends[base[:-1][same] + b[:-1][same]]
+        np.fmax.at(out, idx[1:][same], cross)
+    return out
+
+
+def tbt_samples(requests: pd.DataFrame, steps: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """All token gaps of finished requests as (values, weights): distinct step gaps and how
+    many requests saw each; exact, without materialising one row per token."""
+    fin = requests[requests["outcome"] == FINISHED]
+    step_ends = [g["start_s"].to_numpy() + g["duration_s"].to_numpy()
+                 for _, g in steps.sort_values(["replica", "step"]).groupby("replica", sort=True)]
+    rep_ids = sorted(steps["replica"].unique())
+    pos = {r: i for i, r in enumerate(rep_ids)}
+    if fin.empty or not step_ends:
+        return np.empty(0), np.empty(0)
+    replicas = np.array([pos[r] for r in fin["replica"].to_numpy()], dtype=np.int64)
+    idx, rep, a, b = _segments(list(fin["token_steps"]), replicas)
+    gaps, ends, offsets = _gap_arrays(step_ends)
+    base = offsets[rep]
+    weights = np.zeros(len(gaps) + 1)
+    np.add.at(weights, base + a + 1, 1.0)
+    np.add.at(weights, base + b + 1, -1.0)
+    weights = np.cumsum(weights)[:-1]
+    keep = weights > 0.5
+    values, w = gaps[keep], weights[keep]
+    same = idx[1:] == idx[:-1]
+    if same.any():
+        cross = ends[base[1:][same] + a[1:][same]] - ends[base[:-1][same] + b[:-1][same]]
+        values = np.concatenate([values, cross])
+        w = np.concatenate([w, np.ones(cross.size)])
+    return values, w
+
+
+def weighted_percentiles(values: np.ndarray, weights: np.ndarray, qs: Sequence[float]) -> list[float]:
+    """Percentiles (0-100) of a weighted sample, inverted-CDF definition (NaN if empty)."""
+    if len(values) == 0 or weights.sum() <= 0:
+        return [float("nan")] * len(qs)
+    order = np.argsort(values, kind="stable")
+    v, cw = values[order], np.cumsum(weights[order])
+    total = cw[-1]
+    return [float(v[min(np.searchsorted(cw, q / 100.0 * total, side="left"), len(v) - 1)]) for q in qs]
+
+
+def request_tbt_s(row: pd.Series, steps: pd.DataFrame) -> np.ndarray:
+    """Every token gap of one request (seconds), from its `token_steps` runs."""
+    s = steps[steps["replica"] == row["replica"]].sort_values("step")
+    ends = (s["start_s"] + s["duration_s"]).to_numpy()
+    runs = np.asarray(row["token_steps"], dtype=np.int64)
+    times = np.concatenate([ends[a: b + 1] for a, b in zip(runs[0::2], runs[1::2])]) if len(runs) else np.empty(0)
+    return np.diff(times)
+
+
+def _pcts(x: pd.Series | np.ndarray) -> dict[str, float]:
+    x = np.asarray(x, dtype=float)
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return {f"p{q}": float("nan") for q in PERCENTILES} | {"mean": float("nan")}
+    vals = np.percentile(x, PERCENTILES)
+    return {f"p{q}": float(v) for q, v in zip(PERCENTILES, vals)} | {"mean": float(x.mean())}
+
+
+def slo_attainment(requests: pd.DataFrame, slos: Mapping[str, Mapping[str, float]] | None) -> dict:
+    """Per QoS class: share of requests meeting every objective given for it
+    (`ttft_s`, `tpot_s`, `tbt_max_s`, `e2e_s`); rejected and unfinished requests miss."""
+    out: dict[str, dict] = {}
+    if not slos:
+        return out
+    for cls, obj in slos.items():
+        sel = requests[requests["qos_class"] == cls] if cls != "*" else requests
+        if sel.empty:
+            out[cls] = {"num_requests": 0, "attainment": float("nan")}
+            continue
+        ok = (sel["outcome"] == FINISHED).to_numpy().copy()
+        for metric, limit in obj.items():
+            if limit is None or metric not in ("ttft_s", "tpot_s", "tbt_max_s", "e2e_s"):
+                continue
+            vals = sel[metric].to_numpy(dtype=float)
+            ok &= np.nan_to_num(vals, nan=0.0) <= float(limit) if metric in ("tpot_s", "tbt_max_s") else vals <= float(limit)
+        out[cls] = {"num_requests": int(len(sel)), "attainment": float(ok.mean()),
+                    "num_violations": int((~ok).sum()), "objectives": {k: v for k, v in obj.items()}}
+    return out
+
+
+def summarize(requests: pd.DataFrame, steps: pd.DataFrame, slos: Mapping | None = None) -> dict:
+    """The run's headline numbers: outcomes, latency percentiles, throughput, SLO attainment."""
+    fin = requests[requests["outcome"] == FINISHED]
+    counts = requests["outcome"].value_counts().reindex(list(OUTCOMES), fill_value=0)
+    reasons = requests.loc[requests["outcome"] == "rejected", "reject_reason"].value_counts().to_dict()
+    if len(fin):
+        t0 = float(requests["arrival_s"].min())
+        makespan = float(fin["finish_s"].max()) - t0
+    else:
+        makespan = float("nan")
+    values, weights = tbt_samples(requests, steps)
+    tbt = dict(zip((f"p{q}" for q in PERCENTILES), weighted_percentiles(values, weights, PERCENTILES)))
+    tbt["mean"] = float(np.average(values, weights=weights)) if len(values) else float("nan")
+    busy = float(steps["duration_s"].sum()) if len(steps) else 0.0
+    return {
+        "num_requests": int(len(requests)),
+        "outcomes": {k: int(v) for k, v in counts.items()},
+        "reject_reasons": {str(k): int(v) for k, v in reasons.items()},
+        "ttft_s": _pcts(fin["ttft_s"]),
+        "tbt_s": tbt,
+        "tpot_s": _pcts(fin["tpot_s"]),
+        "e2e_s": _pcts(fin["e2e_s"]),
+        "throughput": {
+            "makespan_s": makespan,
+            "requests_per_s": len(fin) / makespan if makespan > 0 else float("nan"),
+            "output_tokens_per_s": float(fin["num_output_tokens"].sum()) / makespan if makespan > 0 else float("nan"),
+            "prompt_tokens_per_s": float(fin["num_prompt_tokens"].sum()) / makespan if makespan > 0 else float("nan"),
+        },
+        "steps": {
+            "num_steps": int(len(steps)),
+            "mean_batch_size": float(np.average(steps["batch_size"], weights=steps["duration_s"])) if busy > 0 else float("nan"),
+            "busy_s": busy,
+        },
+        "num_preemptions": int(requests["num_preemptions"].sum()),
+        "slo_attainment": slo_attainment(requests, slos),
+    }

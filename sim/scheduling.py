@@ -1,0 +1,104 @@
+"""The boundary between mechanism (`sim/`) and decisions (`policies/`).
+
+Each engine step a replica hands its batch policy a `StepContext` (queues, KV cache, limits,
+cost model, `now`) and gets back a `StepPlan`: which requests advance by how many tokens,
+which waiting requests were admitted and which running ones were preempted. A policy may
+reserve KV blocks through `ctx.kv.allocate` (and release a victim's with `ctx.kv.free`), as
+vLLM's scheduler does; everything else it only reads. Routers pick a replica per request.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from sim.costmodel import CostModel
+from sim.kvcache import KVCache
+from sim.request import Request
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Per-replica engine limits, named as in vLLM."""
+
+    max_num_seqs: int = 256
+    """Most requests in one step's batch."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (prefill chunk tokens + one per decode)."""
+    max_model_len: int = 8192
+    """Longest request (prompt + output tokens) the replica accepts."""
+    enable_chunked_prefill: bool = True
+    """Split prompts longer than the remaining budget across steps."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineLimits.{name} must be >= 1, got {getattr(self, name)}")
+
+
+class StepPlan:
+    """What one engine step does. Invariants (checked by the replica): every scheduled
+    request advances by >= 1 token and at most what it has left to compute; the tokens sum
+    to at most the budget; at most `max_num_seqs` requests; admitted ⊆ scheduled."""
+
+    __slots__ = ("scheduled", "num_new_tokens", "admitted", "preempted", "relegated")
+
+    def __init__(self) -> None:
+        self.scheduled: list[Request] = []
+        self.num_new_tokens: list[int] = []
+        self.admitted: list[Request] = []
+        self.preempted: list[Request] = []
+        self.relegated: list[Request] = []
+
+    def add(self, request: Request, num_new_tokens: int) -> None:
+        self.scheduled.append(request)
+        self.num_new_tokens.append(num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.scheduled)
+
+
+class StepContext:
+    """Read-mostly view of a replica at the start of a step (see module docstring)."""
+
+    __slots__ = ("replica_id", "now", "waiting", "running", "kv", "limits", "cost_model")
+
+    def __init__(self, replica_id: int, waiting: deque, running: list, kv: KVCache,
+                 limits: EngineLimits, cost_model: CostModel) -> None:
+        self.replica_id = replica_id
+        self.now = 0.0
+        self.waiting: deque[Request] = waiting
+        """Requests not yet running, in queue order (arrival order, preempted ones at the front)."""
+        self.running: list[Request] = running
+        """Requests admitted and holding KV blocks, in admission order."""
+        self.kv = kv
+        self.limits = limits
+        self.cost_model = cost_model
+
+
+class BatchPolicy(Protocol):
+    """Per-replica scheduler: one plan per engine step."""
+
+    fast_forward_safe: bool
+    """True if, with no waiting request and no arrival, the policy schedules every running
+    decode each step and nothing else, so the replica may advance many decode steps at once."""
+
+    def schedule(self, ctx: StepContext) -> StepPlan: ...
+
+
+class ReplicaLoad(Protocol):
+    """What a router may read about a replica."""
+
+    replica_id: int
+    model: str
+    num_outstanding_requests: int
+    num_outstanding_tokens: int
+
+
+class Router(Protocol):
+    """Cluster-level policy: pick a replica for each arriving request."""
+
+    def route(self, request: Request, replicas: Sequence[ReplicaLoad], now: float) -> int:
+        """Index into `replicas` (all eligible for the request's model)."""
+        ...
