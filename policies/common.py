@@ -20,6 +20,9 @@ def continue_running(ctx: StepContext, plan: StepPlan, token_budget: int,
     short (the victim is recomputed later). Returns the token budget left."""
     kv = ctx.kv
     if running is None:
+        left = ctx.continue_running_fast(plan, token_budget)
+        if left is not None:
+            return left
         running = ctx.running
     end = len(running)
     i = 0
@@ -49,7 +52,7 @@ def admit_waiting(ctx: StepContext, plan: StepPlan, token_budget: int,
     `max_num_seqs` and KV blocks allow; stop at the first that does not fit (head-of-line,
     as vLLM). Returns the token budget left."""
     limits = ctx.limits
-    free_seqs = limits.max_num_seqs - (len(ctx.running) - len(plan.preempted))
+    free_seqs = limits.max_num_seqs - (ctx.num_running - len(plan.preempted))
     if free_seqs <= 0 or token_budget <= 0:
         return token_budget
     for req in ctx.waiting if queue is None else queue:

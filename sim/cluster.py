@@ -87,10 +87,15 @@ def simulate(
     fast_forward: bool = True,
     check_plans: bool = False,
     progress: bool = False,
+    min_fast_forward_steps: int = 2,
 ) -> SimResult:
     """Run `workload` (columns arrival_s, num_prompt_tokens, num_output_tokens[, model,
     qos_class, request_id]) through the cluster; every request ends finished, rejected or
-    unfinished (still in the system at `horizon_s`)."""
+    unfinished (still in the system at `horizon_s`).
+
+    `fast_forward` (default on) keeps steady decodes in arrays and advances stable decode
+    batches in closed form once the next completion is at least `min_fast_forward_steps`
+    steps away; results equal step-by-step simulation up to floating-point rounding."""
     if not replicas:
         raise InputError("the cluster has no replicas", field="replicas", value=0)
     if horizon_s is not None and not horizon_s > 0:
@@ -111,7 +116,8 @@ def simulate(
         reps.append(Replica(
             env, i, spec.cost_model, spec.policy_factory(), spec.limits, spec.resolve_kv_blocks(),
             spec.block_size, name=spec.name or f"replica{i}", model=spec.model,
-            fast_forward=fast_forward, check_plans=check_plans, on_finish=on_outcome,
+            fast_forward=fast_forward, min_fast_forward_steps=min_fast_forward_steps,
+            check_plans=check_plans, on_finish=on_outcome,
         ))
     by_model: dict[str, list[Replica]] = {}
 

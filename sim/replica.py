@@ -3,14 +3,21 @@
 `engine_loop` is the replica's SimPy process. Each step the batch policy returns a plan;
 preemptions and admissions take effect at once (as in vLLM), the cost model prices the
 step's shape, the process waits that long, then the computed tokens are applied and output
-tokens emitted. When the batch is stable (only decodes, nothing admissible waiting), the
-loop advances many decode steps at once in closed form until the next event that could
-change the batch: a completion, a KV shortage, or an arrival (which wakes it; the step in
-flight then finishes, exactly as it would step by step).
+tokens emitted.
+
+Two mechanisms keep the cost of a run proportional to the events that change a batch, not
+to its tokens (both exact; `fast_forward=False` turns them off for comparison):
+- steady decodes live in a `DecodeGroup` (numpy arrays), so a step costs O(1) Python work
+  for them;
+- when the batch is stable (only decodes, nothing admissible waiting), the loop advances
+  many decode steps at once in closed form until the next event that could change the
+  batch: a completion, a KV shortage, or an arrival (which wakes it; the step in flight
+  then finishes, exactly as it would step by step).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections import deque
 from typing import Callable
 
@@ -18,6 +25,7 @@ import numpy as np
 import simpy
 
 from sim.costmodel import CostModel
+from sim.decodes import DecodeGroup
 from sim.kvcache import KVCache
 from sim.request import FINISHED, Request
 from sim.scheduling import BatchPolicy, EngineLimits, StepContext, StepPlan
@@ -29,8 +37,9 @@ class PlanError(RuntimeError):
 
 
 class Replica:
-    """Invariants: every request it holds is in exactly one of `waiting` or `running`;
-    running requests hold KV blocks, waiting ones hold none."""
+    """Invariants: every request it holds is waiting, running (`running`, admission order)
+    or in the decode group; running and grouped requests hold KV blocks, waiting ones none;
+    after each step every running request outside the group is still prefilling."""
 
     def __init__(
         self,
@@ -46,6 +55,7 @@ class Replica:
         model: str = "",
         fast_forward: bool = True,
         max_fast_forward_steps: int = 4096,
+        min_fast_forward_steps: int = 2,
         check_plans: bool = False,
         on_finish: Callable[[Request], None] | None = None,
     ) -> None:
@@ -59,8 +69,11 @@ class Replica:
         self.kv = KVCache(num_kv_blocks, block_size)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.ctx = StepContext(replica_id, self.waiting, self.running, self.kv, limits, cost_model)
+        self.group = DecodeGroup(block_size)
+        self.use_group = fast_forward
         self.fast_forward = fast_forward and getattr(policy, "fast_forward_safe", False)
+        self.min_fast_forward_steps = min_fast_forward_steps
+        self.ctx = StepContext(self, self.waiting, self.kv, limits, cost_model)
         self.max_fast_forward_steps = max_fast_forward_steps
         self.check_plans = check_plans
         self.on_finish = on_finish
@@ -68,8 +81,13 @@ class Replica:
         self._outstanding_tokens = 0
         self.steps = StepLog()
         self._admit_seq = 0
-        self._wake: simpy.Event | None = None
-        self._ff: tuple | None = None  # fast-forward in flight: (ends, starts, durations, kv_used, n)
+        self._wake: simpy.Event | None = None  # set while idle; an arrival triggers it
+        self._interruptible = False  # True while waiting out a fast-forward chunk
+        self._ff: tuple | None = None  # fast-forward in flight (see _fast_forward)
+        # True while the last plan was validated as stable by the policy and since then only
+        # decode steps and completions happened: the policy would decode every running
+        # request again, so the loop may skip it (an arrival or any other step clears it).
+        self._stable_ok = False
         self.process = env.process(self.engine_loop())
 
     # ----------------------------------------------------------------- arrivals
@@ -87,6 +105,11 @@ class Replica:
         self.waiting.append(request)
         self.num_outstanding_requests += 1
         self._outstanding_tokens += request.remaining_work_tokens
+        self._stable_ok = False
+        if self._interruptible:  # fast-forwarding: finish the step in flight, then reschedule
+            self._interruptible = False
+            self.process.interrupt()
+            return
         wake = self._wake
         if wake is not None and not wake.triggered:
             wake.succeed()
@@ -97,8 +120,58 @@ class Replica:
         ff = self._ff
         if ff is None:
             return self._outstanding_tokens
-        done = int(np.searchsorted(ff[0], self.env.now, side="right"))
-        return self._outstanding_tokens - ff[4] * done
+        return self._outstanding_tokens - ff[5] * bisect_right(ff[0], self.env.now)
+
+    # ------------------------------------------------------- running requests
+    @property
+    def num_running(self) -> int:
+        return len(self.running) + len(self.group.reqs)
+
+    def running_list(self) -> list[Request]:
+        """All running requests as up-to-date objects, in admission order (dissolves the group)."""
+        if len(self.group.reqs):
+            members = self.group.dissolve()
+            merged = self.running + members
+            merged.sort(key=_admit_seq)
+            self.running[:] = merged
+        return self.running
+
+    def continue_running_fast(self, plan: StepPlan, budget: int) -> int | None:
+        """FCFS continuation of running requests with O(1) Python work per grouped decode
+        (see StepContext.continue_running_fast); None when the general path must decide."""
+        g = self.group
+        n = len(g.reqs)
+        if not self.use_group or n == 0 or n > budget:
+            return None
+        prefilling = self.running
+        bs = self.kv.block_size
+        need_blocks = decode_blocks = g.num_new_blocks()
+        left = budget - n
+        if prefilling:
+            demand = 0
+            for req in prefilling:
+                demand += req.num_prompt_tokens + req.num_output_done - req.num_computed_tokens
+            if demand > left and prefilling[0].admit_seq < g.seq_max:
+                return None  # a prefill ahead of some decodes would take their budget
+            chunks = []
+            for req in prefilling:
+                if left <= 0:
+                    break
+                c = req.num_computed_tokens
+                num_new = min(req.num_prompt_tokens + req.num_output_done - c, left)
+                need_blocks += -(-(c + num_new) // bs) - req.num_blocks
+                chunks.append(num_new)
+                left -= num_new
+        if need_blocks > self.kv.num_blocks - self.kv.num_used_blocks:
+            return None
+        if prefilling:
+            for req, num_new in zip(prefilling, chunks):
+                self.kv.allocate(req, num_new)
+                plan.scheduled.append(req)
+                plan.num_new_tokens.append(num_new)
+        self.kv.num_used_blocks += decode_blocks
+        plan.num_group_decodes = n
+        return left
 
     # ---------------------------------------------------------------- the loop
     def engine_loop(self):
@@ -106,24 +179,32 @@ class Replica:
         ctx = self.ctx
         cost = self.cost_model
         while True:
-            if not self.waiting and not self.running:
+            if not self.waiting and not self.running and not len(self.group.reqs):
                 self._wake = env.event()
                 yield self._wake
                 self._wake = None
+            if self._stable_ok and not self.running and len(self.group.reqs) and (
+                    not self.waiting or len(self.group.reqs) >= self.limits.max_num_seqs) and (
+                    self.group.min_remaining() >= self.min_fast_forward_steps):
+                if self._allocate_decode_step():
+                    yield from self._fast_forward()
+                    continue
+            self._stable_ok = False
             ctx.now = env.now
             plan = self.policy.schedule(ctx)
             if self.check_plans:
                 self._check(plan)
             self._commit(plan)
-            if not plan.scheduled:
+            if not plan.scheduled and not plan.num_group_decodes:
                 if plan.preempted or plan.relegated:
                     continue
                 raise PlanError(
                     f"{self.name}: policy {type(self.policy).__name__} scheduled nothing at "
-                    f"t={env.now:.6f}s with {len(self.waiting)} waiting, {len(self.running)} running, "
+                    f"t={env.now:.6f}s with {len(self.waiting)} waiting, {self.num_running} running, "
                     f"{self.kv.num_free_blocks}/{self.kv.num_blocks} KV blocks free"
                 )
             if self.fast_forward and self._stable(plan):
+                self._stable_ok = True
                 yield from self._fast_forward()
                 continue
             num_prefill = prefill_ctx = num_decodes = decode_ctx = 0
@@ -135,7 +216,10 @@ class Replica:
                 else:
                     num_prefill += n
                     prefill_ctx += c
-            batch = len(plan.scheduled)
+            if plan.num_group_decodes:
+                num_decodes += plan.num_group_decodes
+                decode_ctx += self.group.ctx_sum()
+            batch = len(plan.scheduled) + plan.num_group_decodes
             dur = cost.step_time_s(num_prefill, prefill_ctx, num_decodes, decode_ctx, batch)
             start = env.now
             kv_used = self.kv.num_used_blocks
@@ -147,6 +231,8 @@ class Replica:
 
     def _commit(self, plan: StepPlan) -> None:
         """Apply preemptions and admissions at the start of the step."""
+        if not (plan.admitted or plan.preempted or plan.relegated):
+            return
         now = self.env.now
         if plan.preempted:
             victims = plan.preempted
@@ -193,133 +279,150 @@ class Replica:
                 req.record_token(step_index, end_s)
                 if req.num_output_done == req.num_output_tokens:
                     done = True
+        if plan.num_group_decodes:
+            tokens += plan.num_group_decodes
+            self.group.advance(1)
         self._outstanding_tokens -= tokens
-        if done:
-            self._retire(end_s)
+        self._retire(end_s, done)
+        if self.use_group and self.running:
+            # steady decodes: emitted a token this step (a recompute's last prompt token does not)
+            joining = [r for r in self.running if r.last_token_step == step_index]
+            if joining:
+                self.group.add(joining)
+                if len(joining) == len(self.running):
+                    self.running.clear()
+                else:
+                    ids = {id(r) for r in joining}
+                    self.running[:] = [r for r in self.running if id(r) not in ids]
 
-    def _retire(self, end_s: float) -> None:
-        kept = []
-        for req in self.running:
-            if req.num_output_done == req.num_output_tokens:
-                req.finish_s = end_s
-                req.outcome = FINISHED
-                self.kv.free(req)
-                self.num_outstanding_requests -= 1
-                if self.on_finish is not None:
-                    self.on_finish(req)
-            else:
-                kept.append(req)
-        self.running[:] = kept
+    def _finish(self, req: Request, end_s: float) -> None:
+        req.finish_s = end_s
+        req.outcome = FINISHED
+        self.kv.free(req)
+        self.num_outstanding_requests -= 1
+        if self.on_finish is not None:
+            self.on_finish(req)
+
+    def _retire(self, end_s: float, check_running: bool) -> None:
+        """Finish requests (in the group and, if `check_running`, outside it) with no output left."""
+        g = self.group
+        if g.rem0_min <= g.clock:
+            for req in g.take_finished():
+                self._finish(req, end_s)
+        if check_running:
+            kept = []
+            for req in self.running:
+                if req.num_output_done == req.num_output_tokens:
+                    self._finish(req, end_s)
+                else:
+                    kept.append(req)
+            self.running[:] = kept
 
     # ------------------------------------------------------------ fast forward
     def _stable(self, plan: StepPlan) -> bool:
         """True if the plan decodes every running request and nothing else, and nothing
         waiting could be admitted before a completion."""
-        running = self.running
-        n = len(running)
-        if plan.admitted or plan.preempted or len(plan.scheduled) != n or n == 0:
+        if plan.admitted or plan.preempted or plan.relegated:
             return False
-        if self.waiting and n < self.limits.max_num_seqs:
+        if self.waiting and self.num_running < self.limits.max_num_seqs:
             return False
-        if sum(plan.num_new_tokens) != n:
+        # only grouped decodes run, all of them, and the next completion is far enough away
+        # for a closed-form stretch to pay off
+        return (not self.running and not plan.scheduled and plan.num_group_decodes == len(self.group.reqs) > 0
+                and self.group.min_remaining() >= self.min_fast_forward_steps)
+
+    def _allocate_decode_step(self) -> bool:
+        """Reserve one more token of KV for every grouped decode, all or nothing."""
+        need = self.group.num_new_blocks()
+        if need > self.kv.num_blocks - self.kv.num_used_blocks:
             return False
-        for req in running:
-            if req.num_output_done == 0 or req.num_prompt_tokens + req.num_output_done - req.num_computed_tokens != 1:
-                return False
+        self.kv.num_used_blocks += need
         return True
 
     def _fast_forward(self):
-        """Advance a stable decode batch by many steps (the first step's KV is already reserved)."""
+        """Advance the stable decode group by many steps (the first step's KV is already
+        reserved), in chunks of growing length, each one SimPy event; an arrival wakes it."""
         env = self.env
-        running = self.running
-        n = len(running)
+        g = self.group
+        n = len(g.reqs)
+        cost = self.cost_model.step_time_s
+        k_max = min(g.min_remaining(), self.max_fast_forward_steps)
         bs = self.kv.block_size
-        ctxs = np.fromiter((r.num_computed_tokens for r in running), dtype=np.int64, count=n)
-        remaining = np.fromiter((r.num_output_tokens - r.num_output_done for r in running),
-                                dtype=np.int64, count=n)
-        k_max = int(min(remaining.min(), self.max_fast_forward_steps))
-        # New KV blocks needed at step k >= 2: requests whose (context + k) crosses a block
-        # boundary, i.e. k = ((-ctx) mod bs) + 1 (mod bs) -- a periodic histogram.
-        first_cross = (-ctxs) % bs + 1
-        hist = np.bincount(first_cross, minlength=bs + 1)
-        ks = np.arange(1, k_max + 1)
-        new_blocks = hist[(ks - 1) % bs + 1]
-        new_blocks[0] = 0  # step 1 was allocated by the policy
-        kv_used = self.kv.num_used_blocks + np.cumsum(new_blocks)
-        over = np.flatnonzero(kv_used > self.kv.num_blocks)
-        if over.size:
-            k_max = int(over[0])  # steps 1..k_max fit
-            kv_used = kv_used[:k_max]
-        ctx0 = int(ctxs.sum())
-        decode_ctx = ctx0 + n * (ks[:k_max] - 1)
-        ones = np.full(k_max, n, dtype=np.int64)
-        zeros = np.zeros(k_max, dtype=np.int64)
-        durs = np.asarray(self.cost_model.step_times_s(zeros, zeros, ones, decode_ctx, ones), dtype=float)
-        start = env.now
-        ends = np.cumsum(np.concatenate(([start], durs)))[1:]
-        self._ff = (ends, durs, decode_ctx, kv_used, n, start, len(self.waiting))
-        wake = self._wake = env.event()
-        timeout = env.timeout(ends[-1] - start)
-        yield timeout | wake
-        self._wake = None
-        if wake.triggered and not timeout.processed:
-            # An arrival: the step in flight finishes, then the policy sees the new request.
-            m = min(int(np.searchsorted(ends, env.now, side="left")) + 1, k_max)
-            if ends[m - 1] > env.now:
-                yield env.timeout(ends[m - 1] - env.now)
-        else:
-            m = k_max
-        self._apply_fast_forward(m)
+        capacity = self.kv.num_blocks
+        residues = g.residues
+        used = self.kv.num_used_blocks
+        ctx_sum = g.ctx_sum()
+        clock = g.clock
+        num_waiting = len(self.waiting)
+        t = env.now
+        done = 0
+        chunk = 8
+        while done < k_max:
+            # Plan steps done+1 .. done+chunk exactly as the step-by-step loop would price them.
+            starts, durs, dctx, kv_used, ends = [], [], [], [], []
+            for k in range(done, min(done + chunk, k_max)):
+                if k:
+                    need = residues[(-(clock + k)) % bs]
+                    if used + need > capacity:
+                        k_max = k  # KV runs short at this step: stop before it
+                        break
+                    used += need
+                c = ctx_sum + n * k
+                d = cost(0, 0, n, c, n)
+                starts.append(t)
+                t = t + d
+                durs.append(d)
+                dctx.append(c)
+                kv_used.append(used)
+                ends.append(t)
+            if not ends:
+                break
+            self._ff = (ends, starts, durs, dctx, kv_used, n, num_waiting)
+            self._interruptible = True
+            try:
+                yield env.timeout(ends[-1] - env.now)
+                woken = False
+            except simpy.Interrupt:
+                woken = True
+            self._interruptible = False
+            if woken:
+                # An arrival: the step in flight finishes, then the policy sees the new request.
+                m = min(bisect_left(ends, env.now) + 1, len(ends))
+                if ends[m - 1] > env.now:
+                    yield env.timeout(ends[m - 1] - env.now)
+                self._apply_fast_forward(m)
+                return
+            self._apply_fast_forward(len(ends))
+            done += len(ends)
+            chunk *= 2
 
     def _apply_fast_forward(self, m: int) -> None:
-        """Apply the first `m` steps of the fast-forward in flight."""
-        ends, durs, decode_ctx, kv_used, n, start, num_waiting = self._ff
+        """Apply the first `m` steps of the fast-forward chunk in flight."""
+        ends, starts, durs, dctx, kv_used, n, num_waiting = self._ff
         self._ff = None
-        base = self.steps.num_steps
-        starts = np.empty(m)
-        starts[0] = start
-        starts[1:] = ends[: m - 1]
-        self.steps.extend(starts, durs[:m], n, decode_ctx[:m], kv_used[:m], num_waiting)
-        last = base + m - 1
-        end_s = float(ends[m - 1])
-        bs = self.kv.block_size
-        finished = False
-        for req in self.running:
-            c = req.num_computed_tokens + m
-            req.num_computed_tokens = c
-            req.num_output_done += m
-            if req.last_token_step == base - 1:
-                req.token_steps[-1] = last
-            else:
-                req.token_steps.append(base)
-                req.token_steps.append(last)
-            req.last_token_step = last
-            req.num_blocks = -(-c // bs)
-            if req.num_output_done == req.num_output_tokens:
-                finished = True
-        self.kv.num_used_blocks = int(kv_used[m - 1])
+        self.steps.extend_decodes(starts[:m], durs[:m], n, dctx[:m], kv_used[:m], num_waiting)
+        self.kv.num_used_blocks = kv_used[m - 1]
         self._outstanding_tokens -= n * m
-        if finished:
-            self._retire(end_s)
+        self.group.advance(m)
+        self._retire(ends[m - 1], False)
 
     def flush(self, horizon_s: float) -> None:
-        """At the end of a run: apply fast-forwarded steps that ended by the horizon."""
-        if self._ff is None:
-            return
-        ends = self._ff[0]
-        m = int(np.searchsorted(ends, horizon_s, side="right"))
-        if m > 0:
-            self._apply_fast_forward(m)
-        else:
+        """At the end of a run: apply fast-forwarded steps that ended by the horizon, and
+        bring every request object up to date."""
+        if self._ff is not None:
+            m = bisect_right(self._ff[0], horizon_s)
+            if m > 0:
+                self._apply_fast_forward(m)
             self._ff = None
+        self.running_list()
 
     # ------------------------------------------------------------------ checks
     def _check(self, plan: StepPlan) -> None:
         """Assert the plan's invariants (enabled in tests)."""
         lim = self.limits
-        total = sum(plan.num_new_tokens)
-        if len(plan.scheduled) > lim.max_num_seqs:
-            raise PlanError(f"{self.name}: {len(plan.scheduled)} requests > max_num_seqs={lim.max_num_seqs}")
+        total = plan.num_tokens
+        if len(plan) > lim.max_num_seqs:
+            raise PlanError(f"{self.name}: {len(plan)} requests > max_num_seqs={lim.max_num_seqs}")
         if total > lim.max_num_batched_tokens:
             raise PlanError(f"{self.name}: {total} tokens > max_num_batched_tokens={lim.max_num_batched_tokens}")
         if len({id(r) for r in plan.scheduled}) != len(plan.scheduled):
@@ -331,3 +434,7 @@ class Replica:
                 raise PlanError(f"{self.name}: {req} both scheduled and preempted")
         if not 0 <= self.kv.num_used_blocks <= self.kv.num_blocks:
             raise PlanError(f"{self.name}: KV blocks used {self.kv.num_used_blocks} outside [0, {self.kv.num_blocks}]")
+
+
+def _admit_seq(req: Request) -> int:
+    return req.admit_seq

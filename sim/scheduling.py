@@ -40,9 +40,13 @@ class EngineLimits:
 class StepPlan:
     """What one engine step does. Invariants (checked by the replica): every scheduled
     request advances by >= 1 token and at most what it has left to compute; the tokens sum
-    to at most the budget; at most `max_num_seqs` requests; admitted ⊆ scheduled."""
+    to at most the budget; at most `max_num_seqs` requests; admitted ⊆ scheduled.
 
-    __slots__ = ("scheduled", "num_new_tokens", "admitted", "preempted", "relegated")
+    `num_group_decodes` > 0 means every member of the replica's decode group (running
+    requests in steady decode, kept as arrays) also computes one token; only the replica's
+    fast path sets it (see `StepContext.continue_running_fast`)."""
+
+    __slots__ = ("scheduled", "num_new_tokens", "admitted", "preempted", "relegated", "num_group_decodes")
 
     def __init__(self) -> None:
         self.scheduled: list[Request] = []
@@ -50,31 +54,50 @@ class StepPlan:
         self.admitted: list[Request] = []
         self.preempted: list[Request] = []
         self.relegated: list[Request] = []
+        self.num_group_decodes = 0
 
     def add(self, request: Request, num_new_tokens: int) -> None:
         self.scheduled.append(request)
         self.num_new_tokens.append(num_new_tokens)
 
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens) + self.num_group_decodes
+
     def __len__(self) -> int:
-        return len(self.scheduled)
+        return len(self.scheduled) + self.num_group_decodes
 
 
 class StepContext:
-    """Read-mostly view of a replica at the start of a step (see module docstring)."""
+    """A replica as its batch policy sees it at the start of a step (see module docstring)."""
 
-    __slots__ = ("replica_id", "now", "waiting", "running", "kv", "limits", "cost_model")
+    __slots__ = ("replica_id", "now", "waiting", "kv", "limits", "cost_model", "_replica")
 
-    def __init__(self, replica_id: int, waiting: deque, running: list, kv: KVCache,
-                 limits: EngineLimits, cost_model: CostModel) -> None:
-        self.replica_id = replica_id
+    def __init__(self, replica, waiting: deque, kv: KVCache, limits: EngineLimits, cost_model: CostModel) -> None:
+        self._replica = replica
+        self.replica_id: int = replica.replica_id
         self.now = 0.0
         self.waiting: deque[Request] = waiting
         """Requests not yet running, in queue order (arrival order, preempted ones at the front)."""
-        self.running: list[Request] = running
-        """Requests admitted and holding KV blocks, in admission order."""
         self.kv = kv
         self.limits = limits
         self.cost_model = cost_model
+
+    @property
+    def running(self) -> list[Request]:
+        """Requests admitted and holding KV blocks, in admission order, with current counters."""
+        return self._replica.running_list()
+
+    @property
+    def num_running(self) -> int:
+        """How many requests are running (without materialising them)."""
+        return self._replica.num_running
+
+    def continue_running_fast(self, plan: StepPlan, token_budget: int) -> int | None:
+        """`policies.common.continue_running` in O(1) Python work when its outcome is
+        certain (every running request gets its full demand in admission order and KV
+        suffices); returns the budget left, or None (nothing changed) to take the general path."""
+        return self._replica.continue_running_fast(plan, token_budget)
 
 
 class BatchPolicy(Protocol):

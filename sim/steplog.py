@@ -39,6 +39,14 @@ class StepLog:
             })
             self._rows = []
 
+    def extend_decodes(self, starts: list, durations: list, num_decodes: int, decode_context_sum: list,
+                       kv_blocks_used: list, num_waiting: int) -> None:
+        """Append a run of decode-only steps (fast-forward)."""
+        self._rows.extend(zip(starts, durations, [0] * len(starts), [0] * len(starts), [num_decodes] * len(starts),
+                              decode_context_sum, [num_decodes] * len(starts), kv_blocks_used,
+                              [num_waiting] * len(starts)))
+        self.num_steps += len(starts)
+
     def extend(self, starts: np.ndarray, durations: np.ndarray, num_decodes: int,
                decode_context_sum: np.ndarray, kv_blocks_used: np.ndarray, num_waiting: int) -> None:
         """Append a run of decode-only steps (fast-forward)."""

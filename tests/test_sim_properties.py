@@ -47,14 +47,15 @@ def scenarios(draw):
     )
 
 
-def run(sc, *, num_replicas=None, fast_forward=True, horizon_s=None):
+def run(sc, *, num_replicas=None, fast_forward=True, horizon_s=None, min_ff=8):
     cost = PUBLISHED if sc["cost"] == "published" else ConstantCostModel(0.01, 1e-5)
     spec = ReplicaSpec(cost, POLICIES[sc["policy"]],
                        EngineLimits(max_num_seqs=sc["max_num_seqs"], max_num_batched_tokens=sc["budget"],
                                     max_model_len=2048),
                        num_kv_blocks=sc["kv_blocks"], block_size=sc["block_size"])
     return simulate(sc["workload"], [spec] * (num_replicas or sc["num_replicas"]), ROUTERS[sc["router"]](),
-                    check_plans=True, fast_forward=fast_forward, horizon_s=horizon_s)
+                    check_plans=True, fast_forward=fast_forward, horizon_s=horizon_s,
+                    min_fast_forward_steps=min_ff)
 
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -109,9 +110,9 @@ def test_more_replicas_never_lose_a_request(sc):
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios())
-def test_fast_forward_matches_step_by_step(sc):
-    fast, slow = run(sc, fast_forward=True), run(sc, fast_forward=False)
+@given(scenarios(), st.sampled_from([1, 2, 8]))
+def test_fast_forward_matches_step_by_step(sc, min_ff):
+    fast, slow = run(sc, fast_forward=True, min_ff=min_ff), run(sc, fast_forward=False)
     cols = ["outcome", "replica", "num_output_tokens_done", "num_preemptions"]
     pd.testing.assert_frame_equal(fast.requests[cols], slow.requests[cols])
     for col in ("first_scheduled_s", "first_token_s", "finish_s", "tbt_max_s"):
