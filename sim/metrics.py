@@ -5,12 +5,15 @@ Latency definitions (all in seconds, finished requests only unless stated):
 - TPOT: (finish - first token) / (output tokens - 1), a request's mean time per output token;
 - TBT: every gap between consecutive output tokens of a request (pooled over requests for
   the percentiles; per request via `request_tbt_s`).
+`deadline_s` is the absolute first-token deadline a QoS-aware policy scheduled the request
+by (inf if none) and `relegated` whether it was relegated (served best effort, see sim.qos).
 Token times come from the step table: a request records the runs of step indices at whose
 end it emitted a token (`token_steps` = [a1, b1, a2, b2, ...]), so no per-token list is kept.
 """
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -23,23 +26,26 @@ PERCENTILES = (50, 90, 99)
 
 def request_table(requests: Sequence[Request], step_end_times: Sequence[np.ndarray]) -> pd.DataFrame:
     """One row a request, with derived latencies and each request's longest token gap."""
-    n = len(requests)
-    col = lambda attr, dtype: np.fromiter((getattr(r, attr) for r in requests), dtype=dtype, count=n)  # noqa: E731
+    get = attrgetter("request_id", "num_prompt_tokens", "num_output_tokens", "num_output_done", "replica",
+                     "num_preemptions", "arrival_s", "first_scheduled_s", "first_token_s", "finish_s")
+    rows = [get(r) for r in requests]
+    ints = np.array([row[:6] for row in rows], dtype=np.int64).reshape(-1, 6)
+    floats = np.array([row[6:] for row in rows], dtype=np.float64).reshape(-1, 4)
     df = pd.DataFrame({
-        "request_id": col("request_id", np.int64),
-        "arrival_s": col("arrival_s", np.float64),
+        "request_id": ints[:, 0],
+        "arrival_s": floats[:, 0],
         "model": [r.model for r in requests],
         "qos_class": [r.qos_class for r in requests],
-        "num_prompt_tokens": col("num_prompt_tokens", np.int64),
-        "num_output_tokens": col("num_output_tokens", np.int64),
-        "num_output_tokens_done": col("num_output_done", np.int64),
-        "replica": col("replica", np.int64),
+        "num_prompt_tokens": ints[:, 1],
+        "num_output_tokens": ints[:, 2],
+        "num_output_tokens_done": ints[:, 3],
+        "replica": ints[:, 4],
         "outcome": pd.Categorical([r.outcome for r in requests], categories=list(OUTCOMES)),
         "reject_reason": [r.reject_reason for r in requests],
-        "first_scheduled_s": col("first_scheduled_s", np.float64),
-        "first_token_s": col("first_token_s", np.float64),
-        "finish_s": col("finish_s", np.float64),
-        "num_preemptions": col("num_preemptions", np.int64),
+        "first_scheduled_s": floats[:, 1],
+        "first_token_s": floats[:, 2],
+        "finish_s": floats[:, 3],
+        "num_preemptions": ints[:, 5],
     })
     df["ttft_s"] = df["first_token_s"] - df["arrival_s"]
     df["e2e_s"] = df["finish_s"] - df["arrival_s"]
@@ -81,9 +87,13 @@ def _max_gap(requests: Sequence[Request], step_end_times: Sequence[np.ndarray]) 
     if inner.any():
         starts = base[inner] + a[inner] + 1
         stops = base[inner] + b[inner] + 1
+        # reduceat also reduces the spans between consecutive runs; sorted by start those
+        # spans are disjoint or empty, so the whole call is O(steps + tokens).
+        order = np.argsort(starts, kind="stable")
         bounds = np.empty(2 * starts.size, dtype=np.int64)
-        bounds[0::2], bounds[1::2] = starts, stops
-        seg_max = np.maximum.reduceat(gaps, bounds)[0::2]
+        bounds[0::2], bounds[1::2] = starts[order], stops[order]
+        seg_max = np.empty(starts.size)
+        seg_max[order] = np.maximum.reduceat(gaps, bounds)[0::2]
         np.fmax.at(out, idx[inner], seg_max)
     # Gaps across a preemption: from the last token of one run to the first of the next.
     same = idx[1:] == idx[:-1]
@@ -206,4 +216,14 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame, slos: Mapping | None 
         },
         "num_preemptions": int(requests["num_preemptions"].sum()),
         "slo_attainment": slo_attainment(requests, slos),
+        "violations": _violations(requests, steps, slos),
     }
+
+
+def _violations(requests: pd.DataFrame, steps: pd.DataFrame, slos: Mapping | None) -> dict:
+    """Per-tier and overall violation rates under the tiers' own rules (see sim.qos)."""
+    if not slos:
+        return {}
+    from sim.qos import QoS, violation_rates
+
+    return violation_rates(requests, QoS.from_config({"classes": slos}), steps)

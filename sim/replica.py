@@ -356,7 +356,7 @@ class Replica:
         num_waiting = len(self.waiting)
         t = env.now
         done = 0
-        chunk = 8
+        chunk = 4
         while done < k_max:
             # Plan steps done+1 .. done+chunk exactly as the step-by-step loop would price them.
             starts, durs, dctx, kv_used, ends = [], [], [], [], []

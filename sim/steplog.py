@@ -32,10 +32,10 @@ class StepLog:
 
     def _flush_rows(self) -> None:
         if self._rows:
-            cols = list(zip(*self._rows))
+            table = np.array(self._rows, dtype=np.float64)  # exact for counts below 2**53
             self._chunks.append({
-                name: np.asarray(col, dtype=np.float64 if name in _FLOAT else np.int64)
-                for name, col in zip(COLUMNS, cols)
+                name: table[:, i] if name in _FLOAT else table[:, i].astype(np.int64)
+                for i, name in enumerate(COLUMNS)
             })
             self._rows = []
 
