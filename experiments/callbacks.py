@@ -18,17 +18,25 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
+def job_labels(sweep_dir: Path, filename: str) -> dict[str, Path]:
+    """Label -> job directory for jobs that wrote `filename`; a label lists the job's overrides
+    minus those every job shares (e.g. `policy=sarathi`), so tables and legends stay short."""
+    jobs = sorted((p.parent for p in sweep_dir.glob(f"*/{filename}")), key=lambda d: d.name)
+    overrides = {}
+    for d in jobs:
+        path = d / ".hydra" / "overrides.yaml"
+        overrides[d] = [str(o) for o in OmegaConf.load(path)] if path.exists() else []
+    common = set.intersection(*(set(o) for o in overrides.values())) if len(jobs) > 1 else set()
+    return {",".join(o for o in overrides[d] if o not in common) or d.name: d for d in jobs}
+
+
 def collect_sweep(sweep_dir: str | Path) -> pd.DataFrame:
     """One row per job directory under `sweep_dir` that has a summary.json."""
     from experiments.run import summary_table
 
     sweep_dir = Path(sweep_dir)
-    summaries = {}
-    for summary_path in sorted(sweep_dir.glob("*/summary.json"), key=lambda p: p.parent.name):
-        overrides_path = summary_path.parent / ".hydra" / "overrides.yaml"
-        overrides = OmegaConf.load(overrides_path) if overrides_path.exists() else []
-        label = ",".join(str(o) for o in overrides) or summary_path.parent.name
-        summaries[label] = json.loads(summary_path.read_text())
+    summaries = {label: json.loads((d / "summary.json").read_text())
+                 for label, d in job_labels(sweep_dir, "summary.json").items()}
     if not summaries:
         return pd.DataFrame()
     table = summary_table(summaries)
@@ -46,12 +54,8 @@ class CollectSweep(Callback):
             log.warning("no job in %s wrote a summary.json", sweep_dir)
             return
         table.to_csv(sweep_dir / "sweep.csv")
-        runs = {}
-        for req_path in sorted(sweep_dir.glob("*/requests.parquet"), key=lambda p: p.parent.name):
-            overrides_path = req_path.parent / ".hydra" / "overrides.yaml"
-            overrides = OmegaConf.load(overrides_path) if overrides_path.exists() else []
-            label = ",".join(str(o) for o in overrides) or req_path.parent.name
-            runs[label] = pd.read_parquet(req_path, columns=["outcome", "ttft_s", "e2e_s"])
+        runs = {label: pd.read_parquet(d / "requests.parquet", columns=["outcome", "ttft_s", "e2e_s"])
+                for label, d in job_labels(sweep_dir, "requests.parquet").items()}
         if runs:
             from sim.plots import latency_cdfs
 

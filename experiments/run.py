@@ -21,6 +21,7 @@ from typing import Any
 import hydra
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -130,6 +131,19 @@ def summary_table(rows: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame.from_dict(table, orient="index")
 
 
+def explain_config_error(exc: BaseException) -> str:
+    """One line for a bad config or input: the InputError behind Hydra's wrapper, with the config key."""
+    key = ""
+    for line in str(exc).splitlines():  # Hydra appends "full_key: <key>" to its message
+        if line.startswith("full_key:"):
+            key = line.split(":", 1)[1].strip()
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, InputError):
+        cause = cause.__cause__
+    msg = str(cause) if cause is not None else str(exc).splitlines()[0]
+    return f"bad input in config '{key}': {msg}" if key else f"bad input: {msg}"
+
+
 def _json_default(o):
     if hasattr(o, "item"):
         return o.item()
@@ -141,8 +155,8 @@ def main(cfg: DictConfig) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         output = run(cfg, out_dir)
-    except InputError as exc:
-        log.error("%s", exc)
+    except (InputError, InstantiationException) as exc:
+        log.error("%s", explain_config_error(exc))
         raise SystemExit(2) from None
     s = output.summary
     if cfg.output.print_summary:

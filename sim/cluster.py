@@ -49,9 +49,10 @@ class ReplicaSpec:
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
-            raise ValueError(f"ReplicaSpec.block_size must be >= 1, got {self.block_size}")
+            raise InputError("KV block size must be >= 1 token", field="block_size", value=self.block_size)
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"ReplicaSpec.num_kv_blocks must be >= 1 or None, got {self.num_kv_blocks}")
+            raise InputError("KV blocks must be >= 1, or null to ask the cost model", field="num_kv_blocks",
+                             value=self.num_kv_blocks)
 
     def resolve_kv_blocks(self) -> int:
         """The KV blocks this replica has: given explicitly, else from the cost model."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from sim.costmodel import CostModel
+from sim.errors import InputError
 from sim.kvcache import KVCache
 from sim.request import Request
 
@@ -34,7 +35,7 @@ class EngineLimits:
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
-                raise ValueError(f"EngineLimits.{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError("engine limit must be an integer >= 1", field=name, value=getattr(self, name))
 
 
 class StepPlan:

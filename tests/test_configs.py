@@ -99,3 +99,20 @@ def test_demo_experiment_runs_and_collects_a_sweep_table(tmp_path):
     table = (tmp_path / "sweep.csv").read_text()
     assert "policy=fcfs" in table and "policy=sarathi" in table
     assert "sweep summary" in proc.stdout
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("cluster.max_num_seqs=0", "max_num_seqs"),
+    ("cluster.block_size=0", "block_size"),
+    ("cluster.num_replicas=0", "count"),
+    ("workload.arrival.rate_qps=-1", "rate_qps"),
+    ("sim.horizon_s=-5", "horizon_s"),
+    ("workload=trace workload.path=/nonexistent/trace.csv", "/nonexistent/trace.csv"),
+])
+def test_bad_config_values_exit_2_with_one_line_naming_the_field(override, expected):
+    proc = subprocess.run([sys.executable, "-m", "experiments.run", *override.split(), "sim.progress=false",
+                           "output.plots=false"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    out = proc.stdout + proc.stderr
+    assert "bad input" in out and expected in out
+    assert "Traceback" not in out
