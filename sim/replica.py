@@ -207,19 +207,8 @@ class Replica:
                 self._stable_ok = True
                 yield from self._fast_forward()
                 continue
-            num_prefill = prefill_ctx = num_decodes = decode_ctx = 0
-            for req, n in zip(plan.scheduled, plan.num_new_tokens):
-                c = req.num_computed_tokens
-                if n == 1 and req.num_prompt_tokens + req.num_output_done - c == 1:
-                    num_decodes += 1
-                    decode_ctx += c
-                else:
-                    num_prefill += n
-                    prefill_ctx += c
-            if plan.num_group_decodes:
-                num_decodes += plan.num_group_decodes
-                decode_ctx += self.group.ctx_sum()
-            batch = len(plan.scheduled) + plan.num_group_decodes
+            num_prefill, prefill_ctx, num_decodes, decode_ctx, batch = plan.shape(
+                self.group.ctx_sum() if plan.num_group_decodes else 0)
             dur = cost.step_time_s(num_prefill, prefill_ctx, num_decodes, decode_ctx, batch)
             start = env.now
             kv_used = self.kv.num_used_blocks

@@ -61,6 +61,23 @@ class StepPlan:
         self.scheduled.append(request)
         self.num_new_tokens.append(num_new_tokens)
 
+    def shape(self, group_context_sum: int = 0) -> tuple[int, int, int, int, int]:
+        """The step's cost-model shape (num_prefill_tokens, prefill_context, num_decodes,
+        decode_context_sum, batch_size); a scheduled request computing its one remaining
+        token counts as a decode. `group_context_sum` is the decode group's context sum when
+        `num_group_decodes` > 0."""
+        num_prefill = prefill_ctx = num_decodes = decode_ctx = 0
+        for req, n in zip(self.scheduled, self.num_new_tokens):
+            c = req.num_computed_tokens
+            if n == 1 and req.num_prompt_tokens + req.num_output_done - c == 1:
+                num_decodes += 1
+                decode_ctx += c
+            else:
+                num_prefill += n
+                prefill_ctx += c
+        return (num_prefill, prefill_ctx, num_decodes + self.num_group_decodes, decode_ctx + group_context_sum,
+                len(self.scheduled) + self.num_group_decodes)
+
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens) + self.num_group_decodes
