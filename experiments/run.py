@@ -60,12 +60,13 @@ def build_replicas(cfg: DictConfig) -> list[ReplicaSpec]:
         if count is None or int(count) < 1:
             raise InputError("every pool needs count >= 1", field=f"cluster.pools[{p_i}].count", value=count)
         cost_model = instantiate(pool["costmodel"]) if pool.get("costmodel") else instantiate(cfg.costmodel)
+        pool_policy = instantiate(pool["policy"]) if pool.get("policy") else policy_factory
         limits = EngineLimits(**{k: pool[k] for k in _ENGINE_FIELDS})
         hardware = pool.get("hardware") or cfg.hardware.get("name", "")
         for _ in range(int(count)):
             i = len(specs)
             specs.append(ReplicaSpec(
-                cost_model=cost_model, policy_factory=policy_factory, limits=limits,
+                cost_model=cost_model, policy_factory=pool_policy, limits=limits,
                 num_kv_blocks=pool.get("num_kv_blocks"), block_size=int(pool["block_size"]),
                 name=f"{pool.get('name') or 'replica'}{i}", model=pool.get("model_name") or "",
                 hardware=str(hardware), tp=int(pool.get("tp") or 1),

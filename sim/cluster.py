@@ -217,8 +217,12 @@ def _make_requests(workload: pd.DataFrame) -> list[Request]:
     ids = workload["request_id"].to_numpy() if "request_id" in workload.columns else np.arange(n)
     models = workload["model"].astype(str).tolist() if "model" in workload.columns else [""] * n
     classes = workload["qos_class"].astype(str).tolist() if "qos_class" in workload.columns else ["default"] * n
-    return [Request(int(i), float(a), int(pp), int(oo), m, q)
-            for i, a, pp, oo, m, q in zip(ids.tolist(), arr.tolist(), p.tolist(), o.tolist(), models, classes)]
+    requests = [Request(int(i), float(a), int(pp), int(oo), m, q)
+                for i, a, pp, oo, m, q in zip(ids.tolist(), arr.tolist(), p.tolist(), o.tolist(), models, classes)]
+    if "relegable" in workload.columns:  # per-request flag for QoS policies that relegate
+        for req, flag in zip(requests, workload["relegable"].astype(bool).tolist()):
+            req.relegable = flag
+    return requests
 
 
 def _steps_table(reps: list[Replica]) -> pd.DataFrame:

@@ -46,6 +46,9 @@ def request_table(requests: Sequence[Request], step_end_times: Sequence[np.ndarr
         "first_token_s": floats[:, 2],
         "finish_s": floats[:, 3],
         "num_preemptions": ints[:, 5],
+        # Set by QoS-aware batch policies (sim.qos, policies.edf/niyama); inf / False otherwise.
+        "deadline_s": np.fromiter((r.deadline_s for r in requests), dtype=np.float64, count=len(rows)),
+        "relegated": np.fromiter((r.relegated for r in requests), dtype=np.bool_, count=len(rows)),
     })
     df["ttft_s"] = df["first_token_s"] - df["arrival_s"]
     df["e2e_s"] = df["finish_s"] - df["arrival_s"]

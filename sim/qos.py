@@ -1,0 +1,318 @@
+"""QoS tiers: each class's objectives, the deadlines schedulers derive from them, and violations.
+
+A tier names a QoS class and gives any of: a first-token deadline (`ttft_s`), a per-token
+decode target (`tbt_s`), an end-to-end deadline (`e2e_s`), a mean time per output token
+(`tpot_s`) and its share of traffic. Schedulers read the *first-token deadline*: `ttft_s`
+when given, else derived from the end-to-end deadline as `e2e_s - predicted_output_tokens *
+tbt_s`; decode token k (the first output token is k = 0) is due at
+`arrival + max(first_token - arrival, first-token deadline) + tbt_s * k`. Violations are pure
+functions over the request (and step) tables: a tier lists the objectives that count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from sim.errors import InputError
+from sim.request import FINISHED
+
+OBJECTIVES: tuple[str, ...] = ("ttft", "tpot", "e2e", "tbt")
+"""Objectives a tier may count as violations: first-token deadline, mean time per output
+token, end-to-end deadline, and every decode token by its per-token deadline (needs steps)."""
+
+RULES: tuple[str, ...] = ("max_tier", "overall")
+"""How one number summarises a run's violations: the worst tier's rate, or all requests pooled."""
+
+_TIER_KEYS = {"ttft_s", "tpot_s", "e2e_s", "tbt_s", "tbt_max_s", "share", "violation"}
+
+
+def _limit(value: object, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InputError("must be a positive number of seconds or null", field=where, value=value)
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One QoS class. Invariant: limits are positive or None; `violation` lists known objectives
+    whose limit is given (an empty list means the tier can never be violated)."""
+
+    name: str
+    """The `qos_class` this tier applies to."""
+    ttft_s: float | None = None
+    """First-token deadline after arrival."""
+    tbt_s: float | None = None
+    """Per-token decode target: decode token k is due `tbt_s * k` after the first-token deadline."""
+    e2e_s: float | None = None
+    """End-to-end deadline after arrival."""
+    tpot_s: float | None = None
+    """Mean time per output token (the simple interactive/batch objective)."""
+    share: float | None = None
+    """Share of traffic (normalised over the tiers that give one); None if the workload decides."""
+    violation: tuple[str, ...] = ()
+    """Objectives that count as a violation (see `OBJECTIVES`)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise InputError("tier names must be non-empty text", field="classes", value=self.name)
+        for key in ("ttft_s", "tbt_s", "e2e_s", "tpot_s"):
+            _limit(getattr(self, key), f"classes.{self.name}.{key}")
+        if self.share is not None and not (isinstance(self.share, (int, float)) and self.share > 0):
+            raise InputError("must be a positive number or null", field=f"classes.{self.name}.share", value=self.share)
+        for objective in self.violation:
+            if objective not in OBJECTIVES:
+                raise InputError(f"unknown objective; use any of {list(OBJECTIVES)}",
+                                 field=f"classes.{self.name}.violation", value=objective)
+            needs = "tbt_s" if objective == "tbt" else f"{objective}_s"
+            if getattr(self, needs) is None:
+                raise InputError(f"counts {objective!r} violations but gives no {needs}",
+                                 field=f"classes.{self.name}.violation", value=list(self.violation))
+
+    @property
+    def decode_target_s(self) -> float | None:
+        """Spacing of decode-token deadlines: `tbt_s`, else `tpot_s` (a mean-rate target), else None."""
+        return self.tbt_s if self.tbt_s is not None else self.tpot_s
+
+    def first_token_deadline_s(self, predicted_output_tokens: float) -> float:
+        """First-token deadline after arrival (inf when the tier has none)."""
+        if self.ttft_s is not None:
+            return self.ttft_s
+        if self.e2e_s is not None:
+            return self.e2e_s - predicted_output_tokens * (self.decode_target_s or 0.0)
+        return math.inf
+
+    @classmethod
+    def from_config(cls, name: str, config: Mapping | None) -> Tier:
+        config = dict(config or {})
+        unknown = sorted(set(config) - _TIER_KEYS)
+        if unknown:
+            raise InputError(f"unknown key(s) {unknown}; allowed: {sorted(_TIER_KEYS)}", field=f"classes.{name}",
+                             value=config)
+        violation = config.get("violation")
+        if violation is None:  # default: every objective given, as `sim.metrics.slo_attainment` checks them
+            violation = [o for o in ("ttft", "tpot", "e2e") if config.get(f"{o}_s") is not None]
+        elif isinstance(violation, str):
+            violation = [violation]
+        return cls(name=name, ttft_s=config.get("ttft_s"), tbt_s=config.get("tbt_s"), e2e_s=config.get("e2e_s"),
+                   tpot_s=config.get("tpot_s"), share=config.get("share"), violation=tuple(violation))
+
+
+@dataclass(frozen=True)
+class QoS:
+    """The tiers of a deployment plus how schedulers predict output lengths.
+
+    Invariant: `output_prediction` is "oracle" (a request's true output length, as the
+    Niyama artifact uses when the trace gives it) or a whole number of tokens >= 0."""
+
+    tiers: Mapping[str, Tier] = field(default_factory=dict)
+    """Tier by QoS class name; requests of other classes have no objectives."""
+    output_prediction: str | int = "oracle"
+    """Output tokens assumed when deriving first-token deadlines from end-to-end ones."""
+    relegated_is_violation: bool = False
+    """Count every relegated request as violated, whether or not it met its objectives."""
+
+    def __post_init__(self) -> None:
+        op = self.output_prediction
+        if not (op == "oracle" or (isinstance(op, int) and not isinstance(op, bool) and op >= 0)):
+            raise InputError('must be "oracle" or a whole number of tokens >= 0', field="output_prediction", value=op)
+
+    @classmethod
+    def from_config(cls, slo: object) -> QoS:
+        """From an slo config: `{classes: {name: {...}}, output_prediction, relegated_is_violation}`
+        (None or a config without classes gives no tiers)."""
+        from sim.workload.options import plain
+
+        slo = plain(slo) if slo is not None else {}
+        if isinstance(slo, QoS):
+            return slo
+        if not isinstance(slo, dict):
+            raise InputError("an slo config must be a mapping with `classes`", field="slo", value=slo)
+        classes = slo.get("classes") or {}
+        if not isinstance(classes, dict):
+            raise InputError("must map class name -> objectives", field="slo.classes", value=classes)
+        tiers = {str(name): Tier.from_config(str(name), obj) for name, obj in classes.items()}
+        return cls(tiers=tiers, output_prediction=slo.get("output_prediction", "oracle"),
+                   relegated_is_violation=bool(slo.get("relegated_is_violation", False)))
+
+    def tier(self, qos_class: str) -> Tier | None:
+        return self.tiers.get(qos_class)
+
+    def predicted_output_tokens(self, num_output_tokens: int) -> int:
+        return num_output_tokens if self.output_prediction == "oracle" else int(self.output_prediction)
+
+    def first_token_deadline_s(self, qos_class: str, num_output_tokens: int) -> float:
+        """A request's first-token deadline after arrival (inf without a tier or a deadline)."""
+        tier = self.tiers.get(qos_class)
+        if tier is None:
+            return math.inf
+        return tier.first_token_deadline_s(self.predicted_output_tokens(num_output_tokens))
+
+    def decode_target_s(self, qos_class: str) -> float | None:
+        tier = self.tiers.get(qos_class)
+        return None if tier is None else tier.decode_target_s
+
+    def shares(self) -> dict[str, float] | None:
+        """Traffic shares of the tiers that give one (None if none does)."""
+        shares = {name: t.share for name, t in self.tiers.items() if t.share is not None}
+        return shares or None
+
+
+def first_token_deadlines_s(requests: pd.DataFrame, qos: QoS) -> np.ndarray:
+    """Per request: the first-token deadline after arrival (inf without one)."""
+    return np.array([qos.first_token_deadline_s(c, int(o)) for c, o in
+                     zip(requests["qos_class"], requests["num_output_tokens"])], dtype=float)
+
+
+def decode_deadline_misses(requests: pd.DataFrame, steps: pd.DataFrame, qos: QoS) -> np.ndarray:
+    """Per request: True if some decode token came after its per-token deadline
+    `arrival + max(ttft, first-token deadline) + tbt_s * k` (False without a tbt target or tokens)."""
+    miss = np.zeros(len(requests), dtype=bool)
+    if not len(requests) or not len(steps):
+        return miss
+    ends_by_rep = {int(rep): (g["start_s"] + g["duration_s"]).to_numpy()
+                   for rep, g in steps.sort_values(["replica", "step"]).groupby("replica", sort=True)}
+    t0 = requests["arrival_s"].to_numpy() + np.maximum(
+        requests["ttft_s"].to_numpy(dtype=float), first_token_deadlines_s(requests, qos))
+    for name, tier in qos.tiers.items():
+        if tier.tbt_s is None:
+            continue
+        tbt = tier.tbt_s
+        rows = np.flatnonzero((requests["qos_class"] == name).to_numpy() & (requests["num_output_tokens_done"] > 1).to_numpy())
+        for i in rows:
+            runs = np.asarray(requests["token_steps"].iat[i], dtype=np.int64)
+            ends = ends_by_rep.get(int(requests["replica"].iat[i]))
+            if ends is None or len(runs) == 0:
+                continue
+            a, b = runs[0::2], runs[1::2]
+            lengths = b - a + 1
+            k_start = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+            # token times minus their offsets tbt*k; the first token (k = 0) is the ttft objective's
+            times = np.concatenate([ends[x: y + 1] for x, y in zip(a, b)])
+            k = np.concatenate([ks + np.arange(n) for ks, n in zip(k_start, lengths)])
+            late = times[1:] - tbt * k[1:] > t0[i] + 1e-9
+            miss[i] = bool(late.any())
+    return miss
+
+
+def violations(requests: pd.DataFrame, qos: QoS, steps: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per request: its tier, whether it violated its tier's objectives and why
+    (`reason`: the first objective missed, or rejected/unfinished), and whether it was relegated."""
+    n = len(requests)
+    outcome = requests["outcome"].astype(str).to_numpy()
+    finished = outcome == FINISHED
+    classes = requests["qos_class"].astype(str).to_numpy()
+    relegated = requests["relegated"].to_numpy(dtype=bool) if "relegated" in requests else np.zeros(n, dtype=bool)
+    violated = np.zeros(n, dtype=bool)
+    reason = np.full(n, "", dtype=object)
+    has_tier = np.array([c in qos.tiers for c in classes], dtype=bool)
+    counts = has_tier & np.array([bool(qos.tiers[c].violation) if c in qos.tiers else False for c in classes])
+    not_done = counts & ~finished
+    violated |= not_done
+    reason[not_done] = outcome[not_done]
+    deadlines = first_token_deadlines_s(requests, qos)
+    tbt_miss = None
+    for name, tier in qos.tiers.items():
+        sel = (classes == name) & finished
+        for objective in tier.violation:
+            if objective == "ttft":
+                miss = requests["ttft_s"].to_numpy(dtype=float) > tier.ttft_s
+            elif objective == "e2e":
+                miss = requests["e2e_s"].to_numpy(dtype=float) > tier.e2e_s
+            elif objective == "tpot":
+                miss = np.nan_to_num(requests["tpot_s"].to_numpy(dtype=float), nan=0.0) > tier.tpot_s
+            else:  # "tbt": every decode token by its deadline
+                if steps is None:
+                    raise InputError(f"tier {name!r} counts tbt violations: pass the step table", field="steps")
+                if tbt_miss is None:
+                    tbt_miss = decode_deadline_misses(requests, steps, qos)
+                miss = tbt_miss
+            new = sel & miss & ~violated
+            reason[new] = objective
+            violated |= sel & miss
+    if qos.relegated_is_violation:
+        new = counts & relegated & ~violated
+        reason[new] = "relegated"
+        violated |= counts & relegated
+    return pd.DataFrame({
+        "request_id": requests["request_id"].to_numpy(),
+        "arrival_s": requests["arrival_s"].to_numpy(),
+        "qos_class": classes,
+        "has_tier": has_tier,
+        "first_token_deadline_s": deadlines,
+        "relegated": relegated,
+        "violated": violated,
+        "reason": reason,
+    })
+
+
+def violation_rates(requests: pd.DataFrame, qos: QoS, steps: pd.DataFrame | None = None) -> dict:
+    """Per-tier and overall violation rates (JSON-ready). `overall` pools every request of a
+    tier; `max_tier` is the worst tier's rate. Requests whose class has no tier are counted
+    under `num_without_tier` and never violate. Relegated requests are counted per tier."""
+    return rates_from_violations(violations(requests, qos, steps), qos)
+
+
+def rates_from_violations(v: pd.DataFrame, qos: QoS) -> dict:
+    """`violation_rates` from a `violations` table (e.g. several runs' tables concatenated)."""
+    tiers = {}
+    for name in qos.tiers:
+        sel = v[v["qos_class"] == name]
+        num = int(len(sel))
+        bad = int(sel["violated"].sum())
+        tiers[name] = {
+            "num_requests": num,
+            "num_violations": bad,
+            "violation_rate": bad / num if num else float("nan"),
+            "num_relegated": int(sel["relegated"].sum()),
+            "num_relegated_violations": int((sel["relegated"] & sel["violated"]).sum()),
+            "reasons": {str(k): int(c) for k, c in sel.loc[sel["violated"], "reason"].value_counts().items()},
+        }
+    tiered = v[v["has_tier"]]
+    rates = [t["violation_rate"] for t in tiers.values() if t["num_requests"]]
+    return {
+        "overall": float(tiered["violated"].mean()) if len(tiered) else float("nan"),
+        "max_tier": float(max(rates)) if rates else float("nan"),
+        "num_requests": int(len(v)),
+        "num_violations": int(tiered["violated"].sum()),
+        "num_relegated": int(v["relegated"].sum()),
+        "num_without_tier": int((~v["has_tier"]).sum()),
+        "tiers": tiers,
+    }
+
+
+def rule_value(rates: Mapping, rule: str) -> float:
+    """The one number a capacity rule reads from `violation_rates`: "max_tier" or "overall"."""
+    if rule not in RULES:
+        raise InputError(f"unknown violation rule; use one of {list(RULES)}", field="rule", value=rule)
+    return float(rates[rule])
+
+
+def violation_timeseries(requests: pd.DataFrame, qos: QoS, *, window_s: float = 300.0, step_s: float = 60.0,
+                         steps: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Rolling violation rate by arrival time: at each `t` on a `step_s` grid, the share of
+    requests arriving in (t - window_s, t] that violated, overall and per tier (long format:
+    columns time_s, tier ('overall' or a tier name), num_requests, violation_rate)."""
+    v = violations(requests, qos, steps)
+    v = v[v["has_tier"]].sort_values("arrival_s", kind="stable")
+    if v.empty:
+        return pd.DataFrame(columns=["time_s", "tier", "num_requests", "violation_rate"])
+    grid = np.arange(step_s, float(v["arrival_s"].max()) + step_s, step_s)
+    frames = []
+    groups = [("overall", v)] + [(name, v[v["qos_class"] == name]) for name in qos.tiers]
+    for name, g in groups:
+        t = g["arrival_s"].to_numpy()
+        bad = np.concatenate(([0], np.cumsum(g["violated"].to_numpy(dtype=np.int64))))
+        hi = np.searchsorted(t, grid, side="right")
+        lo = np.searchsorted(t, grid - window_s, side="right")
+        num = hi - lo
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rate = np.where(num > 0, (bad[hi] - bad[lo]) / np.maximum(num, 1), np.nan)
+        frames.append(pd.DataFrame({"time_s": grid, "tier": name, "num_requests": num, "violation_rate": rate}))
+    return pd.concat(frames, ignore_index=True)
