@@ -1,0 +1,532 @@
+"""Capacity search: the highest request rate a configuration serves with at most 1% of requests violating.
+
+    python -m experiments.capacity                                   # the run app's config, its policy
+    python -m experiments.capacity policy=niyama slo=niyama_tiers capacity.rule=overall
+    python -m experiments.capacity +experiment=repro_capacity_code   # FCFS/EDF/SRPF/Niyama + ablations
+
+The violation rate at a rate (QPS) is measured by simulating the configured workload at that
+rate, with the same seeds at every rate (the same requests; only the arrival times scale),
+under the QoS tiers' own rules (`sim.qos`), summarised by `capacity.rule`: the worst tier's
+rate (`max_tier`) or all requests pooled (`overall`). The search brackets the threshold by
+growing (or shrinking) the rate by `growth`, bisects until the bracket is within `rel_tol`,
+and reports the capacity interpolated linearly inside the final bracket.
+
+A finite run hides overload that has not built up yet: a batch request violates only once
+the backlog exceeds its deadline (600 s / 1800 s for Niyama's tiers), which at load rho > 1
+takes about deadline / (rho - 1) seconds. With `capacity.max_drain_s` a rate must also be
+sustainable: after the last arrival the cluster must clear its backlog within that time
+(the drain of a stable queue is a few seconds; an overloaded one grows with the run).
+Each variant (a
+policy, a cluster, ...) is searched on its own. Writes `capacity.json` (every point and its
+rates), `capacity_points.csv`, `capacity.png` (violation rate vs QPS per variant) and, per
+variant, the request table at its highest passing rate (`requests_<label>.parquet`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+import numpy as np
+import pandas as pd
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.run import build_replicas
+from policies.siloed import splits as replica_splits
+from sim.cluster import simulate
+from sim.errors import InputError
+from sim.paths import project_path
+from sim.qos import QoS, RULES, rates_from_violations, violations
+from sim.workload import ArrivalProcess, Workload, from_trace, make_requests
+from sim.workload.options import assign_qos_classes, plain, qos_probabilities
+
+log = logging.getLogger(__name__)
+
+TRACE_HELP = (
+    "The Azure LLM inference traces 2023 (CC-BY 4.0) are AzureLLMInferenceTrace_code.csv and "
+    "AzureLLMInferenceTrace_conv.csv in the data/ folder of the Azure/AzurePublicDataset repository "
+    "on GitHub; put them in ../shared/traces/ beside the project (the default) or set workload.path=<file>."
+)
+
+
+# ---------------------------------------------------------------- workload
+
+
+_TRACE_CACHE: dict[tuple[str, float, str], pd.DataFrame] = {}
+
+
+def _trace_rows(path: str, format: str) -> pd.DataFrame:  # noqa: A002 - the loader's keyword
+    file = project_path(path)
+    if not file.exists():
+        raise InputError(f"trace file not found. {TRACE_HELP}", path=file, field="workload.path")
+    key = (str(file), file.stat().st_mtime, format)
+    if key not in _TRACE_CACHE:
+        _TRACE_CACHE.clear()
+        _TRACE_CACHE[key] = from_trace(str(file), format=format).requests
+    return _TRACE_CACHE[key]
+
+
+def trace_workload(
+    *,
+    path: str,
+    arrival: dict,
+    num_requests: int | None = None,
+    duration_s: float | None = None,
+    qos_shares: dict[str, float] | None = None,
+    seed: int = 0,
+    format: str = "auto",  # noqa: A002
+    model: str = "",
+) -> Workload:
+    """A trace's (prompt, output) length pairs, drawn jointly with replacement, on a synthetic
+    arrival process (the Niyama artifact's setup: trace lengths, Poisson arrivals at a QPS).
+    Give exactly one of `num_requests` and `duration_s`. Independent streams spawned from
+    `seed` draw the arrivals' unit gaps, the rows and the QoS classes, so at every rate the
+    same seed gives the same requests with arrival times scaled."""
+    process = ArrivalProcess.from_config(arrival)
+    if (num_requests is None) == (duration_s is None):
+        raise InputError("give exactly one of num_requests and duration_s", field="workload.num_requests",
+                         value=(num_requests, duration_s))
+    qos_probabilities(qos_shares)
+    rows = _trace_rows(path, format)
+    arrival_rng, row_rng, qos_rng = np.random.default_rng(int(seed)).spawn(3)
+    arrival_s = process.sample(arrival_rng, num_requests=num_requests, duration_s=duration_s)
+    picks = row_rng.integers(0, len(rows), size=len(arrival_s))
+    trace_classes = rows["qos_class"].to_numpy()[picks]
+    drawn = assign_qos_classes(len(arrival_s), plain(qos_shares), qos_rng)
+    classes = drawn if qos_shares is not None else trace_classes  # a class from the trace wins without shares
+    requests = make_requests(arrival_s, rows["num_prompt_tokens"].to_numpy()[picks],
+                             rows["num_output_tokens"].to_numpy()[picks], model, classes)
+    return Workload(requests=requests, source=f"trace lengths {path} on {process.describe()}, seed={seed}")
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class CapacitySettings:
+    """How a capacity search runs. Invariant: 0 <= max_violation < 1, qps_min < qps_start <= qps_max, growth > 1."""
+
+    rule: str = "max_tier"
+    """Violation summary compared with the threshold: "max_tier" or "overall"."""
+    max_violation: float = 0.01
+    """Highest violation rate that still counts as served."""
+    qps_start: float = 1.0
+    """First rate tried."""
+    growth: float = 1.5
+    """Factor between bracketing rates."""
+    qps_min: float = 0.05
+    """Give up below this rate (capacity reported as 0 with status below_min)."""
+    qps_max: float = 256.0
+    """Give up above this rate (capacity reported as qps_max with status above_max)."""
+    rel_tol: float = 0.03
+    """Bisect until hi / lo - 1 <= rel_tol."""
+    max_points: int = 16
+    """Most rates evaluated per variant."""
+    max_drain_s: float | None = None
+    """Also require the run to be sustainable: once arrivals stop, the cluster clears its
+    backlog within this many seconds (None: violations only). See module docstring."""
+    seeds: tuple[int, ...] = (0,)
+    """Workload seeds simulated at every rate (violations pooled over them)."""
+    rate_key: str = "arrival.rate_qps"
+    """Field of the workload config set to each rate."""
+    jobs: int = 1
+    """Variants searched in parallel processes (the machine's other users share its cores)."""
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise InputError(f"use one of {list(RULES)}", field="capacity.rule", value=self.rule)
+        if not 0 <= self.max_violation < 1:
+            raise InputError("must be in [0, 1)", field="capacity.max_violation", value=self.max_violation)
+        if not 0 < self.qps_min < self.qps_start <= self.qps_max:
+            raise InputError("need 0 < qps_min < qps_start <= qps_max", field="capacity.qps_start", value=self.qps_start)
+        if not self.growth > 1:
+            raise InputError("must be > 1", field="capacity.growth", value=self.growth)
+        if not self.rel_tol > 0:
+            raise InputError("must be > 0", field="capacity.rel_tol", value=self.rel_tol)
+        if self.max_drain_s is not None and not self.max_drain_s > 0:
+            raise InputError("must be > 0 or null", field="capacity.max_drain_s", value=self.max_drain_s)
+        if self.max_points < 2 or self.jobs < 1 or not self.seeds:
+            raise InputError("need max_points >= 2, jobs >= 1 and at least one seed", field="capacity",
+                             value=(self.max_points, self.jobs, self.seeds))
+
+    @classmethod
+    def from_config(cls, node: Any) -> CapacitySettings:
+        d = plain(node) if node is not None else {}
+        known = set(cls.__dataclass_fields__)
+        extra = sorted(set(d) - known - {"splits", "save_requests"})
+        if extra:
+            raise InputError(f"unknown key(s) {extra}; allowed: {sorted(known | {'splits', 'save_requests'})}",
+                             field="capacity", value=d)
+        d = {k: v for k, v in d.items() if k in known}
+        if "seeds" in d:
+            d["seeds"] = tuple(int(s) for s in d["seeds"])
+        return cls(**d)
+
+
+# ---------------------------------------------------------------- the search
+
+
+def search_capacity(violation_at: Callable[[float], float], s: CapacitySettings,
+                    on_point: Callable[[float, float], None] | None = None) -> dict:
+    """Bracket then bisect the rate at which `violation_at(qps)` crosses `s.max_violation`.
+    Returns capacity_qps (interpolated inside the final bracket), lo_qps/hi_qps (highest rate
+    found passing / lowest found failing), status and the evaluated points in order."""
+    points: dict[float, float] = {}
+
+    def ok(q: float) -> bool:
+        q = round(q, 6)
+        if q not in points:
+            points[q] = float(violation_at(q))
+            if on_point is not None:
+                on_point(q, points[q])
+        return points[q] <= s.max_violation
+
+    lo = hi = None
+    status = "ok"
+    q = s.qps_start
+    if ok(q):
+        lo = q
+        while hi is None and len(points) < s.max_points:
+            q = lo * s.growth
+            if q > s.qps_max:
+                status = "above_max"
+                break
+            if ok(q):
+                lo = q
+            else:
+                hi = q
+    else:
+        hi = q
+        while lo is None and len(points) < s.max_points:
+            q = hi / s.growth
+            if q < s.qps_min:
+                status = "below_min"
+                break
+            if ok(q):
+                lo = q
+            else:
+                hi = q
+    if lo is not None and hi is not None:
+        while hi / lo - 1 > s.rel_tol and len(points) < s.max_points:
+            mid = round((lo + hi) / 2, 6)
+            if ok(mid):
+                lo = mid
+            else:
+                hi = mid
+    if lo is None and hi is None or status == "ok" and (lo is None or hi is None):
+        status = "max_points"
+    if lo is not None and hi is not None:
+        v_lo, v_hi = points[round(lo, 6)], points[round(hi, 6)]
+        frac = (s.max_violation - v_lo) / (v_hi - v_lo) if v_hi > v_lo else 0.0
+        capacity = lo + min(max(frac, 0.0), 1.0) * (hi - lo)
+    elif lo is not None:
+        capacity = lo
+    else:
+        capacity = 0.0
+    return {"capacity_qps": float(capacity), "lo_qps": lo, "hi_qps": hi, "status": status,
+            "points": [{"qps": q, "violation": v} for q, v in points.items()]}
+
+
+# ---------------------------------------------------------------- one configuration at one rate
+
+
+def build_cluster(cfg: DictConfig) -> list:
+    """`experiments.run.build_replicas`, plus a `policy` per pool (siloed deployments): each
+    pool with its own `policy` node is built with that policy."""
+    pools = cfg.cluster.get("pools") or []
+    if not any(p.get("policy") is not None for p in pools):
+        return build_replicas(cfg)
+    specs = []
+    for i, pool in enumerate(pools):
+        sub = cfg.copy()
+        OmegaConf.set_struct(sub, False)
+        node = OmegaConf.to_container(pool, resolve=True)
+        policy = node.pop("policy", None)
+        OmegaConf.update(sub, "cluster.pools", [node], merge=False)
+        if policy is not None:
+            OmegaConf.update(sub, "policy", policy, merge=False)
+        specs.extend(build_replicas(sub))
+    return specs
+
+
+def _workload_cfg(cfg: DictConfig, qps: float, seed: int, qos: QoS, rate_key: str) -> DictConfig:
+    wl = cfg.workload.copy()
+    OmegaConf.set_struct(wl, False)
+    OmegaConf.update(wl, rate_key, float(qps), merge=True)
+    if "seed" in wl:
+        wl.seed = int(seed)
+    if "qos_shares" in wl and wl.qos_shares is None and qos.shares():
+        wl.qos_shares = qos.shares()  # the tiers' own traffic shares when the workload gives none
+    return wl
+
+
+def evaluate(cfg: DictConfig, qps: float, settings: CapacitySettings, qos: QoS) -> tuple[dict, pd.DataFrame]:
+    """Simulate `cfg` at `qps` for every seed; violation rates pooled over the seeds, plus the
+    request tables (column `seed` added)."""
+    needs_steps = any("tbt" in t.violation for t in qos.tiers.values())
+    frames, tables, drains, num_steps = [], [], [], 0
+    t0 = time.perf_counter()
+    for seed in settings.seeds:
+        workload = instantiate(_workload_cfg(cfg, qps, seed, qos, settings.rate_key))
+        res = simulate(workload.requests, build_cluster(cfg), instantiate(cfg.router),
+                       horizon_s=cfg.sim.horizon_s, fast_forward=cfg.sim.fast_forward, check_plans=cfg.sim.check_plans)
+        req = res.requests
+        frames.append(violations(req, qos, res.steps if needs_steps else None))
+        last_arrival = float(req["arrival_s"].max()) if len(req) else 0.0
+        drains.append(float(res.end_s) - last_arrival)
+        num_steps += int(res.info["num_steps"])
+        tables.append(req.drop(columns=["token_steps"]).assign(seed=seed))
+    rates = rates_from_violations(pd.concat(frames, ignore_index=True), qos)
+    drain_s = float(max(drains))
+    point = {
+        "qps": float(qps),
+        "violation": float(rates[settings.rule]),
+        "score": score(float(rates[settings.rule]), drain_s, settings),
+        "overall": rates["overall"],
+        "max_tier": rates["max_tier"],
+        "tiers": {k: v["violation_rate"] for k, v in rates["tiers"].items()},
+        "num_requests": rates["num_requests"],
+        "num_violations": rates["num_violations"],
+        "num_relegated": rates["num_relegated"],
+        "drain_s": drain_s,
+        "num_steps": num_steps,
+        "wall_s": time.perf_counter() - t0,
+    }
+    return point, pd.concat(tables, ignore_index=True)
+
+
+def score(violation: float, drain_s: float, settings: CapacitySettings) -> float:
+    """What the search compares with `max_violation`: the violation rate, or, with
+    `max_drain_s`, the larger of it and `max_violation * drain_s / max_drain_s` (so a rate
+    passes iff both hold, and the crossing interpolates on whichever binds)."""
+    if settings.max_drain_s is None:
+        return violation
+    return max(violation, settings.max_violation * drain_s / settings.max_drain_s)
+
+
+# ---------------------------------------------------------------- variants
+
+
+def variant_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """One config per variant: `variants.<label>` replaces whole groups (`policy: {...}`) and
+    merges anything else (`capacity: {qps_start: 2}`); `capacity.splits` expands a siloed variant
+    into one per split of N replicas between its pools. No variants: the config itself."""
+    variants = cfg.get("variants") or {}
+    base = cfg.copy()
+    OmegaConf.set_struct(base, False)
+    if "variants" in base:
+        del base["variants"]
+    out: dict[str, DictConfig] = {}
+    for label, delta in variants.items():
+        out[str(label)] = _apply(base, delta, str(label))
+    splits_cfg = (cfg.get("capacity") or {}).get("splits")
+    if splits_cfg:
+        name = splits_cfg.get("variant")
+        if name not in out:
+            raise InputError(f"capacity.splits.variant must name one of the variants {list(out)}",
+                             field="capacity.splits.variant", value=name)
+        template = out.pop(name)
+        pools = template.cluster.get("pools") or []
+        if len(pools) < 2:
+            raise InputError("the split variant's cluster needs two or more pools", field=f"variants.{name}.cluster.pools")
+        for split in replica_splits(int(splits_cfg.num_replicas), len(pools), int(splits_cfg.get("min_per_pool", 1))):
+            v = template.copy()
+            for i, count in enumerate(split):
+                v.cluster.pools[i].count = count
+            out[f"{name}_{'_'.join(map(str, split))}"] = v
+    if not out:
+        out[_policy_label(base)] = base
+    return out
+
+
+GROUPS = ("policy", "cluster", "router", "workload", "slo", "costmodel")
+"""Config groups a variant replaces as a whole (other keys are merged into the config)."""
+
+
+def _apply(base: DictConfig, delta: Any, label: str) -> DictConfig:
+    v = base.copy()
+    for key, value in (delta or {}).items():
+        key = str(key)
+        if key in GROUPS:
+            v[key] = value
+        elif key.split(".")[0] in v:
+            OmegaConf.update(v, key, value, merge=True)
+        else:
+            raise InputError(f"not a config key; variants replace groups {list(GROUPS)} or set existing keys",
+                             field=f"variants.{label}", value=key)
+    return v
+
+
+def _policy_label(cfg: DictConfig) -> str:
+    return str(cfg.policy.get("_target_", "policy")).rsplit(".", 1)[-1].lower()
+
+
+def search_variant(label: str, container: dict) -> tuple[dict, pd.DataFrame | None]:
+    """Search one variant's capacity (a plain function: also the parallel worker)."""
+    cfg = OmegaConf.create(container)
+    settings = CapacitySettings.from_config(cfg.capacity)
+    qos = QoS.from_config(cfg.slo)
+    details: dict[float, dict] = {}
+    best_table: dict[str, Any] = {"qps": -1.0, "table": None}
+
+    def violation_at(q: float) -> float:
+        point, table = evaluate(cfg, q, settings, qos)
+        details[round(q, 6)] = point
+        if point["score"] <= settings.max_violation and q > best_table["qps"]:
+            best_table.update(qps=q, table=table)
+        log.info("[%s] qps=%.3f  %s violation=%.4f  overall=%.4f  drain=%.0f s  relegated=%d  -> %s  (%d requests, %.1f s)",
+                 label, q, settings.rule, point["violation"], point["overall"], point["drain_s"], point["num_relegated"],
+                 "pass" if point["score"] <= settings.max_violation else "fail", point["num_requests"], point["wall_s"])
+        return point["score"]
+
+    result = search_capacity(violation_at, settings)
+    result["points"] = [details[round(p["qps"], 6)] for p in result["points"]]
+    result["label"] = label
+    log.info("[%s] capacity %.3f qps (%s; bracket %s..%s; %d points)", label, result["capacity_qps"],
+             result["status"], result["lo_qps"], result["hi_qps"], len(result["points"]))
+    return result, best_table["table"]
+
+
+def run_capacity(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
+    """Search every variant's capacity; write capacity.json, capacity_points.csv, capacity.png
+    and the request tables at capacity into `out_dir`. Returns the capacity.json content."""
+    settings = CapacitySettings.from_config(cfg.capacity)
+    variants = variant_configs(cfg)
+    containers = {label: OmegaConf.to_container(v, resolve=True) for label, v in variants.items()}
+    log.info("capacity search: %d variant(s) %s, rule=%s, threshold=%.3g, seeds=%s",
+             len(containers), list(containers), settings.rule, settings.max_violation, list(settings.seeds))
+    t0 = time.perf_counter()
+    if settings.jobs > 1 and len(containers) > 1:
+        with ProcessPoolExecutor(max_workers=min(settings.jobs, len(containers))) as pool:
+            futures = {label: pool.submit(search_variant, label, c) for label, c in containers.items()}
+            found = {label: f.result() for label, f in futures.items()}
+    else:
+        found = {label: search_variant(label, c) for label, c in containers.items()}
+    any_cfg = next(iter(variants.values()))
+    out = {
+        "rule": settings.rule,
+        "max_violation": settings.max_violation,
+        "settings": asdict(settings),
+        "workload": OmegaConf.to_container(any_cfg.workload, resolve=True),
+        "slo": OmegaConf.to_container(any_cfg.slo, resolve=True),
+        "wall_s": time.perf_counter() - t0,
+        "variants": {label: res for label, (res, _) in found.items()},
+        "capacity_qps": {label: res["capacity_qps"] for label, (res, _) in found.items()},
+    }
+    splits_cfg = cfg.capacity.get("splits")
+    if splits_cfg:
+        name = splits_cfg.variant
+        mine = {k: v for k, v in out["capacity_qps"].items() if k.startswith(f"{name}_")}
+        best = max(mine, key=mine.get)
+        out["best_split"] = {"variant": best, "capacity_qps": mine[best],
+                             "split": [int(x) for x in best[len(name) + 1:].split("_")]}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "capacity.json").write_text(json.dumps(out, indent=2, default=_json_default))
+        points_table(out).to_csv(out_dir / "capacity_points.csv", index=False)
+        if cfg.capacity.get("save_requests", True):
+            for label, (_, table) in found.items():
+                if table is not None:
+                    table.to_parquet(out_dir / f"requests_{label}.parquet", index=False)
+        if cfg.output.get("plots", True):
+            plot_capacity(out, out_dir / "capacity.png")
+    return out
+
+
+def points_table(result: dict) -> pd.DataFrame:
+    """Every evaluated point of a capacity.json as a tidy table (one row a variant and rate)."""
+    rows = []
+    for label, res in result["variants"].items():
+        for p in res["points"]:
+            row = {"variant": label, "qps": p["qps"], "violation": p["violation"], "score": p.get("score", p["violation"]),
+                   "overall": p["overall"],
+                   "max_tier": p["max_tier"], "num_requests": p["num_requests"], "num_relegated": p["num_relegated"],
+                   "drain_s": p["drain_s"], "wall_s": p["wall_s"]}
+            row.update({f"violation_{t}": r for t, r in p["tiers"].items()})
+            rows.append(row)
+    return pd.DataFrame(rows).sort_values(["variant", "qps"]).reset_index(drop=True)
+
+
+def plot_capacity(result: dict, path: str | Path) -> Path:
+    """Violation rate (the search's rule) vs QPS, one line per variant, the threshold and each
+    variant's capacity marked; with `max_drain_s`, a second panel shows the drain time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = points_table(result)
+    max_drain = result["settings"].get("max_drain_s")
+    fig, axes = plt.subplots(2 if max_drain else 1, 1, figsize=(8, 7 if max_drain else 4.5), sharex=True,
+                             squeeze=False)
+    ax = axes[0, 0]
+    for i, label in enumerate(result["variants"]):
+        g = table[table["variant"] == label]
+        color = f"C{i % 10}"
+        ax.plot(g["qps"], 100 * g["violation"], "o-", color=color, lw=1.2, ms=4,
+                label=f"{label}: {result['capacity_qps'][label]:.2f} qps")
+        for a in axes[:, 0]:
+            a.axvline(result["capacity_qps"][label], color=color, ls=":", lw=0.8)
+        if max_drain:
+            axes[1, 0].plot(g["qps"], g["drain_s"], "o-", color=color, lw=1.2, ms=4)
+    ax.axhline(100 * result["max_violation"], color="k", ls="--", lw=0.8, label=f"{100 * result['max_violation']:g}% threshold")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel(f"violating requests (%, {result['rule']})")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("Capacity search: violation rate vs load")
+    if max_drain:
+        d = axes[1, 0]
+        d.axhline(max_drain, color="k", ls="--", lw=0.8, label=f"sustainable: drain <= {max_drain:g} s")
+        d.set_yscale("symlog", linthresh=10.0)
+        d.set_ylim(bottom=0)
+        d.set_ylabel("backlog drain after the last arrival (s)")
+        d.legend(fontsize=8, loc="upper left")
+    axes[-1, 0].set_xlabel("request rate (QPS)")
+    for a in axes[:, 0]:
+        a.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+@hydra.main(config_path="../conf", config_name="capacity", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        out = run_capacity(cfg, out_dir)
+    except InputError as exc:
+        log.error("%s", exc)
+        raise SystemExit(2) from None
+    width = max(len(k) for k in out["capacity_qps"])
+    print("\ncapacity (highest QPS with <= {:.3g}% of requests violating, rule {}):".format(
+        100 * out["max_violation"], out["rule"]))
+    for label, res in out["variants"].items():
+        print(f"  {label:<{width}}  {res['capacity_qps']:7.3f} qps  ({res['status']}, {len(res['points'])} points)")
+    if "best_split" in out:
+        print(f"  best split: {out['best_split']['variant']} ({out['best_split']['capacity_qps']:.3f} qps)")
+    print(f"outputs: {out_dir}")
+    return float(max(out["capacity_qps"].values()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Capacity search: the bracketing/bisection logic, the trace workload, the app, and short
+versions of the three reproduction experiments (the ordering FCFS < EDF < Niyama)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments.capacity import (CapacitySettings, run_capacity, score, search_capacity, trace_workload,
+                                 variant_configs)
+from experiments.reproduce import compose_part, reproduce
+from sim.errors import InputError
+from sim.paths import PROJECT_ROOT
+
+TRACES = PROJECT_ROOT.parent / "shared" / "traces"
+CODE = TRACES / "AzureLLMInferenceTrace_code.csv"
+needs_traces = pytest.mark.skipif(not CODE.exists(), reason="../shared/traces (Azure LLM inference traces 2023) is absent")
+
+
+def test_search_brackets_bisects_and_interpolates():
+    calls = []
+
+    def violation(q):  # 0 up to 3 qps, then +10% per qps
+        calls.append(q)
+        return max(0.0, (q - 3.0) / 10.0)
+
+    s = CapacitySettings(qps_start=1.0, growth=2.0, rel_tol=0.01, max_points=30)
+    res = search_capacity(violation, s)
+    assert calls[:3] == [1.0, 2.0, 4.0]  # bracketing doubles until a rate fails
+    assert res["status"] == "ok"
+    assert res["lo_qps"] <= 3.1 < res["hi_qps"] and res["hi_qps"] / res["lo_qps"] - 1 <= 0.01
+    assert res["capacity_qps"] == pytest.approx(3.1, abs=1e-6)  # exact: linear between the bracket
+    assert [p["qps"] for p in res["points"]] == calls
+
+
+def test_search_shrinks_from_a_failing_start_and_reports_the_edges():
+    s = CapacitySettings(qps_start=8.0, growth=2.0, rel_tol=0.05, qps_min=0.5, qps_max=20.0)
+    res = search_capacity(lambda q: 0.0 if q <= 1.5 else 1.0, s)
+    assert res["points"][:3] == [{"qps": 8.0, "violation": 1.0}, {"qps": 4.0, "violation": 1.0},
+                                 {"qps": 2.0, "violation": 1.0}]
+    assert res["lo_qps"] <= 1.5 < res["hi_qps"] <= 1.5 * 1.05
+    assert res["lo_qps"] <= res["capacity_qps"] <= res["hi_qps"]
+    assert search_capacity(lambda q: 1.0, s)["status"] == "below_min"
+    top = search_capacity(lambda q: 0.0, s)
+    assert top["status"] == "above_max" and top["capacity_qps"] == 16.0
+
+
+def test_a_sustainability_limit_fails_rates_whose_backlog_outlasts_it():
+    plain = CapacitySettings(max_violation=0.01)
+    sustained = CapacitySettings(max_violation=0.01, max_drain_s=120.0)
+    assert score(0.002, 700.0, plain) == 0.002  # violations only: passes
+    assert score(0.002, 240.0, sustained) == pytest.approx(0.02)  # drain twice the limit: fails
+    assert score(0.002, 60.0, sustained) == pytest.approx(0.005)  # both within limits: passes
+    assert score(0.05, 10.0, sustained) == 0.05
+
+
+@pytest.mark.parametrize("bad", [{"rule": "median"}, {"max_violation": 1.5}, {"growth": 1.0},
+                                 {"qps_start": 0.01}, {"seeds": []}, {"max_drain_s": 0.0}])
+def test_bad_capacity_settings_are_input_errors(bad):
+    with pytest.raises(InputError):
+        CapacitySettings(**{k: tuple(v) if k == "seeds" else v for k, v in bad.items()})
+
+
+@needs_traces
+def test_trace_workload_keeps_the_requests_and_scales_the_arrivals():
+    kw = dict(path=str(CODE), num_requests=500, qos_shares={"a": 1, "b": 1}, seed=3)
+    slow = trace_workload(arrival={"kind": "poisson", "rate_qps": 1.0}, **kw).requests
+    fast = trace_workload(arrival={"kind": "poisson", "rate_qps": 4.0}, **kw).requests
+    for col in ("num_prompt_tokens", "num_output_tokens", "qos_class"):
+        assert slow[col].tolist() == fast[col].tolist()
+    np.testing.assert_allclose(slow["arrival_s"] / 4.0, fast["arrival_s"])
+    assert set(slow["qos_class"]) == {"a", "b"}
+    other = trace_workload(arrival={"kind": "poisson", "rate_qps": 1.0}, **{**kw, "seed": 4}).requests
+    assert other["num_prompt_tokens"].tolist() != slow["num_prompt_tokens"].tolist()
+
+
+def test_a_missing_trace_says_how_to_get_it(tmp_path):
+    with pytest.raises(InputError, match="AzurePublicDataset"):
+        trace_workload(path=str(tmp_path / "nope.csv"), arrival={"kind": "poisson", "rate_qps": 1.0}, num_requests=5)
+
+
+def test_capacity_app_writes_json_points_and_plot(tmp_path):
+    cfg = compose_part("capacity", [
+        "workload.num_requests=150", "workload.prompt_tokens.max=3000", "slo=niyama_tiers",
+        "workload.qos_shares=null", "cluster.num_replicas=1", "capacity.qps_start=2.0", "capacity.rel_tol=0.1",
+        "+variants.fcfs.policy._target_=policies.fcfs.Sarathi", "+variants.fcfs.policy._partial_=true",
+        "+variants.edf.policy._target_=policies.edf.EDF", "+variants.edf.policy._partial_=true",
+    ])
+    out = run_capacity(cfg, tmp_path)
+    saved = json.loads((tmp_path / "capacity.json").read_text())
+    assert saved["capacity_qps"] == out["capacity_qps"] and set(saved["variants"]) == {"fcfs", "edf"}
+    for res in saved["variants"].values():
+        assert res["status"] == "ok" and len(res["points"]) >= 2
+        assert all(set(p["tiers"]) == {"tier0", "tier1", "tier2"} for p in res["points"])
+        # the capacity lies between the highest passing and lowest failing rate found
+        assert res["lo_qps"] <= res["capacity_qps"] <= res["hi_qps"]
+    assert (tmp_path / "capacity.png").stat().st_size > 0
+    assert (tmp_path / "capacity_points.csv").read_text().startswith("variant,qps,")
+    assert (tmp_path / "requests_fcfs.parquet").exists()
+
+
+def test_siloed_splits_expand_into_one_variant_per_split():
+    cfg = compose_part("capacity", ["+experiment=repro_siloed"])
+    labels = list(variant_configs(cfg))
+    assert labels == ["shared", "siloed_1_3", "siloed_2_2", "siloed_3_1"]
+    v = variant_configs(cfg)["siloed_2_2"]
+    assert [p.count for p in v.cluster.pools] == [2, 2]
+    assert v.router._target_ == "policies.siloed.SiloedRouter"
+    assert variant_configs(cfg)["shared"].policy._target_ == "policies.niyama.Niyama"
+
+
+@needs_traces
+@pytest.mark.slow
+def test_short_reproduction_keeps_the_published_orderings(tmp_path):
+    cfg = compose_part("reproduce", [])
+    from omegaconf import OmegaConf
+
+    summary = reproduce(["capacity_code", "capacity_conv", "siloed", "surge"], out_dir=tmp_path, smoke=True,
+                        smoke_overrides=OmegaConf.to_container(cfg.smoke_overrides), smoke_all=list(cfg.smoke_all))
+    for trace, caps in json.loads((tmp_path / "reproduction.json").read_text()).items():
+        assert caps["fcfs"] < caps["edf"] < caps["niyama"], trace
+    siloed = json.loads((tmp_path / "shared_vs_siloed.json").read_text())
+    assert siloed["shared_qps"] > siloed["best_split"]["capacity_qps"]
+    surge = json.loads((tmp_path / "surge.json").read_text())["variants"]
+    assert surge["niyama"]["tiers"]["tier0"] < surge["fcfs"]["tiers"]["tier0"]
+    assert surge["niyama"]["overall"] < surge["fcfs"]["overall"]
+    assert (tmp_path / "reproduction.md").read_text().count("|") > 20
+    assert summary["parts"]["surge"]["result"]["variants"]["niyama"]["num_requests"] > 1000
