@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BASE   := $(VENV)/.installed-base
 FULL   := $(VENV)/.installed-full
 
-.PHONY: demo test bench profile clean
+.PHONY: demo test bench reproduce validate clean
 
 # The simulator and its apps (no torch, no vLLM).
 $(BASE): pyproject.toml
@@ -30,6 +30,14 @@ test: $(FULL)
 
 bench: $(BASE)
 	$(PY) -m experiments.bench
+
+# Niyama's published claims in simulation (capacity, shared vs siloed, surge); docs/reproduction.md
+reproduce: $(BASE)
+	$(PY) -m experiments.reproduce
+
+# Replay traffic through a real CPU vLLM engine and through the simulator; docs/validation.md
+validate: $(FULL)
+	$(PY) -m experiments.validate tolerance.p50=0.05 tolerance.p90=0.05 tolerance.p99=0.10 nice=-10
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .hypothesis
