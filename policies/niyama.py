@@ -236,17 +236,9 @@ class Niyama:
     def _observe(self, ctx: StepContext, plan: StepPlan) -> None:
         """Fold this step's prefill tokens per second (priced by the cost model: exactly what
         the simulated engine will take) into the moving average."""
-        num_prefill = prefill_ctx = num_decodes = decode_ctx = 0
-        for req, n in zip(plan.scheduled, plan.num_new_tokens):
-            c = req.num_computed_tokens
-            if n == 1 and req.num_prompt_tokens + req.num_output_done - c == 1:
-                num_decodes += 1
-                decode_ctx += c
-            else:
-                num_prefill += n
-                prefill_ctx += c
+        num_prefill, prefill_ctx, num_decodes, decode_ctx, batch = ctx.plan_shape(plan)
         if num_prefill == 0:
             return
-        step_s = ctx.cost_model.step_time_s(num_prefill, prefill_ctx, num_decodes, decode_ctx, len(plan.scheduled))
+        step_s = ctx.cost_model.step_time_s(num_prefill, prefill_ctx, num_decodes, decode_ctx, batch)
         w = self.prefill_tps_ema_weight
         self.prefill_tps = w * self.prefill_tps + (1.0 - w) * (num_prefill / step_s)

@@ -25,25 +25,25 @@ class RoundRobin:
         return i
 
 
+def _least(replicas: Sequence[ReplicaLoad], load: str) -> int:
+    """Index of the replica with the smallest `load` attribute (first on ties)."""
+    best, best_load = 0, None
+    for i, r in enumerate(replicas):
+        value = getattr(r, load)
+        if best_load is None or value < best_load:
+            best, best_load = i, value
+    return best
+
+
 class LeastOutstandingRequests:
     """The replica holding the fewest unfinished requests (waiting + running)."""
 
     def route(self, request: Request, replicas: Sequence[ReplicaLoad], now: float) -> int:
-        best, best_load = 0, None
-        for i, r in enumerate(replicas):
-            load = r.num_outstanding_requests
-            if best_load is None or load < best_load:
-                best, best_load = i, load
-        return best
+        return _least(replicas, "num_outstanding_requests")
 
 
 class LeastOutstandingTokens:
     """The replica with the fewest tokens still to compute (prompts left plus outputs left)."""
 
     def route(self, request: Request, replicas: Sequence[ReplicaLoad], now: float) -> int:
-        best, best_load = 0, None
-        for i, r in enumerate(replicas):
-            load = r.num_outstanding_tokens
-            if best_load is None or load < best_load:
-                best, best_load = i, load
-        return best
+        return _least(replicas, "num_outstanding_tokens")

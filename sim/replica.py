@@ -207,8 +207,7 @@ class Replica:
                 self._stable_ok = True
                 yield from self._fast_forward()
                 continue
-            num_prefill, prefill_ctx, num_decodes, decode_ctx, batch = plan.shape(
-                self.group.ctx_sum() if plan.num_group_decodes else 0)
+            num_prefill, prefill_ctx, num_decodes, decode_ctx, batch = ctx.plan_shape(plan)
             dur = cost.step_time_s(num_prefill, prefill_ctx, num_decodes, decode_ctx, batch)
             start = env.now
             kv_used = self.kv.num_used_blocks

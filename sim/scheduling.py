@@ -111,6 +111,10 @@ class StepContext:
         """How many requests are running (without materialising them)."""
         return self._replica.num_running
 
+    def plan_shape(self, plan: StepPlan) -> tuple[int, int, int, int, int]:
+        """The cost-model shape of `plan` on this replica (decode-group members included)."""
+        return plan.shape(self._replica.group.ctx_sum() if plan.num_group_decodes else 0)
+
     def continue_running_fast(self, plan: StepPlan, token_budget: int) -> int | None:
         """`policies.common.continue_running` in O(1) Python work when its outcome is
         certain (every running request gets its full demand in admission order and KV
