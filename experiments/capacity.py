@@ -36,10 +36,11 @@ import hydra
 import numpy as np
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.run import build_replicas
+from experiments.run import build_replicas, explain_config_error, json_default
 from policies.siloed import splits as replica_splits
 from sim.cluster import simulate
 from sim.errors import InputError
@@ -431,7 +432,7 @@ def run_capacity(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "capacity.json").write_text(json.dumps(out, indent=2, default=_json_default))
+        (out_dir / "capacity.json").write_text(json.dumps(out, indent=2, default=json_default))
         points_table(out).to_csv(out_dir / "capacity_points.csv", index=False)
         if cfg.capacity.get("save_requests", True):
             for label, (_, table) in found.items():
@@ -501,21 +502,13 @@ def plot_capacity(result: dict, path: str | Path) -> Path:
     return path
 
 
-def _json_default(o):
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
 @hydra.main(config_path="../conf", config_name="capacity", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         out = run_capacity(cfg, out_dir)
-    except InputError as exc:
-        log.error("%s", exc)
+    except (InputError, InstantiationException) as exc:
+        log.error("%s", explain_config_error(exc))
         raise SystemExit(2) from None
     width = max(len(k) for k in out["capacity_qps"])
     print("\ncapacity (highest QPS with <= {:.3g}% of requests violating, rule {}):".format(

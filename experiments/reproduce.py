@@ -29,10 +29,12 @@ import pandas as pd
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.capacity import build_cluster, run_capacity, variant_configs
+from experiments.run import explain_config_error
 from sim.cluster import simulate
 from sim.errors import InputError
 from sim.paths import PROJECT_ROOT
@@ -206,8 +208,8 @@ def main(cfg: DictConfig) -> None:
         reproduce(list(cfg.parts), list(cfg.overrides), out_dir, smoke=bool(cfg.smoke),
                   smoke_overrides=OmegaConf.to_container(cfg.smoke_overrides, resolve=True),
                   smoke_all=list(cfg.smoke_all))
-    except InputError as exc:
-        log.error("%s", exc)
+    except (InputError, InstantiationException) as exc:
+        log.error("%s", explain_config_error(exc))
         raise SystemExit(2) from None
     md = out_dir / "reproduction.md"
     if md.exists():

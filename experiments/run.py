@@ -101,7 +101,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> RunOutput:
         result.requests.to_parquet(out / "requests.parquet", index=False)
         result.steps.to_parquet(out / "steps.parquet", index=False)
         result.replicas.to_csv(out / "replicas.csv", index=False)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
         if cfg.output.plots:
             from sim.plots import latency_cdfs, timeseries
 
@@ -145,9 +145,12 @@ def explain_config_error(exc: BaseException) -> str:
     return f"bad input in config '{key}': {msg}" if key else f"bad input: {msg}"
 
 
-def _json_default(o):
+def json_default(o):
+    """`json.dumps` fallback for numpy scalars and tuples."""
     if hasattr(o, "item"):
         return o.item()
+    if isinstance(o, tuple):
+        return list(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 

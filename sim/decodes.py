@@ -36,11 +36,6 @@ class DecodeGroup:
         self.residues = [0] * self.block_size  # members per (base mod block_size)
         self._seq_max: int | None = -1
 
-    @property
-    def reqs(self) -> dict[Request, tuple[int, int]]:
-        """The members (a dict in join order; truthy when non-empty)."""
-        return self.members
-
     def __len__(self) -> int:
         return len(self.members)
 

@@ -125,11 +125,11 @@ class Replica:
     # ------------------------------------------------------- running requests
     @property
     def num_running(self) -> int:
-        return len(self.running) + len(self.group.reqs)
+        return len(self.running) + len(self.group.members)
 
     def running_list(self) -> list[Request]:
         """All running requests as up-to-date objects, in admission order (dissolves the group)."""
-        if len(self.group.reqs):
+        if len(self.group.members):
             members = self.group.dissolve()
             merged = self.running + members
             merged.sort(key=_admit_seq)
@@ -140,7 +140,7 @@ class Replica:
         """FCFS continuation of running requests with O(1) Python work per grouped decode
         (see StepContext.continue_running_fast); None when the general path must decide."""
         g = self.group
-        n = len(g.reqs)
+        n = len(g.members)
         if not self.use_group or n == 0 or n > budget:
             return None
         prefilling = self.running
@@ -179,12 +179,12 @@ class Replica:
         ctx = self.ctx
         cost = self.cost_model
         while True:
-            if not self.waiting and not self.running and not len(self.group.reqs):
+            if not self.waiting and not self.running and not len(self.group.members):
                 self._wake = env.event()
                 yield self._wake
                 self._wake = None
-            if self._stable_ok and not self.running and len(self.group.reqs) and (
-                    not self.waiting or len(self.group.reqs) >= self.limits.max_num_seqs) and (
+            if self._stable_ok and not self.running and len(self.group.members) and (
+                    not self.waiting or len(self.group.members) >= self.limits.max_num_seqs) and (
                     self.group.min_remaining() >= self.min_fast_forward_steps):
                 if self._allocate_decode_step():
                     yield from self._fast_forward()
@@ -316,7 +316,7 @@ class Replica:
             return False
         # only grouped decodes run, all of them, and the next completion is far enough away
         # for a closed-form stretch to pay off
-        return (not self.running and not plan.scheduled and plan.num_group_decodes == len(self.group.reqs) > 0
+        return (not self.running and not plan.scheduled and plan.num_group_decodes == len(self.group.members) > 0
                 and self.group.min_remaining() >= self.min_fast_forward_steps)
 
     def _allocate_decode_step(self) -> bool:
@@ -332,7 +332,7 @@ class Replica:
         reserved), in chunks of growing length, each one SimPy event; an arrival wakes it."""
         env = self.env
         g = self.group
-        n = len(g.reqs)
+        n = len(g.members)
         cost = self.cost_model.step_time_s
         k_max = min(g.min_remaining(), self.max_fast_forward_steps)
         bs = self.kv.block_size

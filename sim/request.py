@@ -76,11 +76,6 @@ class Request:
         return self.num_prompt_tokens + self.num_output_done - self.num_computed_tokens
 
     @property
-    def is_prefilling(self) -> bool:
-        """True while catching up on the prompt (or on a recompute after preemption)."""
-        return self.num_prompt_tokens + self.num_output_done - self.num_computed_tokens > 1
-
-    @property
     def max_tokens_needed(self) -> int:
         """KV tokens the request holds at its largest (the last output token is never computed)."""
         return self.num_prompt_tokens + self.num_output_tokens - 1

@@ -8,7 +8,6 @@ requests record for their tokens. Columns become numpy arrays on demand.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 COLUMNS = ("start_s", "duration_s", "num_prefill_tokens", "prefill_context", "num_decodes",
            "decode_context_sum", "batch_size", "kv_blocks_used", "num_waiting")
@@ -64,6 +63,3 @@ class StepLog:
     def end_times(self) -> np.ndarray:
         """End time of every step, by step index."""
         return np.array(self._cols[0], dtype=np.float64) + np.array(self._cols[1], dtype=np.float64)
-
-    def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.columns())
