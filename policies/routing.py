@@ -6,6 +6,7 @@ that list. Ties break by list position, so runs are deterministic.
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Sequence
 
 from sim.request import Request
@@ -27,12 +28,8 @@ class RoundRobin:
 
 def _least(replicas: Sequence[ReplicaLoad], load: str) -> int:
     """Index of the replica with the smallest `load` attribute (first on ties)."""
-    best, best_load = 0, None
-    for i, r in enumerate(replicas):
-        value = getattr(r, load)
-        if best_load is None or value < best_load:
-            best, best_load = i, value
-    return best
+    loads = list(map(attrgetter(load), replicas))
+    return loads.index(min(loads))
 
 
 class LeastOutstandingRequests:

@@ -13,6 +13,7 @@ end it emitted a token (`token_steps` = [a1, b1, a2, b2, ...]), so no per-token 
 
 from __future__ import annotations
 
+from itertools import chain
 from operator import attrgetter
 from typing import Mapping, Sequence
 
@@ -26,46 +27,48 @@ PERCENTILES = (50, 90, 99)
 
 def request_table(requests: Sequence[Request], step_end_times: Sequence[np.ndarray]) -> pd.DataFrame:
     """One row a request, with derived latencies and each request's longest token gap."""
-    get = attrgetter("request_id", "num_prompt_tokens", "num_output_tokens", "num_output_done", "replica",
-                     "num_preemptions", "arrival_s", "first_scheduled_s", "first_token_s", "finish_s")
-    rows = [get(r) for r in requests]
-    ints = np.array([row[:6] for row in rows], dtype=np.int64).reshape(-1, 6)
-    floats = np.array([row[6:] for row in rows], dtype=np.float64).reshape(-1, 4)
+    n = len(requests)
+
+    def column(name: str, dtype) -> np.ndarray:
+        return np.fromiter(map(attrgetter(name), requests), dtype=dtype, count=n)
+
     df = pd.DataFrame({
-        "request_id": ints[:, 0],
-        "arrival_s": floats[:, 0],
+        "request_id": column("request_id", np.int64),
+        "arrival_s": column("arrival_s", np.float64),
         "model": [r.model for r in requests],
         "qos_class": [r.qos_class for r in requests],
-        "num_prompt_tokens": ints[:, 1],
-        "num_output_tokens": ints[:, 2],
-        "num_output_tokens_done": ints[:, 3],
-        "replica": ints[:, 4],
+        "num_prompt_tokens": column("num_prompt_tokens", np.int64),
+        "num_output_tokens": column("num_output_tokens", np.int64),
+        "num_output_tokens_done": column("num_output_done", np.int64),
+        "replica": column("replica", np.int64),
         "outcome": pd.Categorical([r.outcome for r in requests], categories=list(OUTCOMES)),
         "reject_reason": [r.reject_reason for r in requests],
-        "first_scheduled_s": floats[:, 1],
-        "first_token_s": floats[:, 2],
-        "finish_s": floats[:, 3],
-        "num_preemptions": ints[:, 5],
+        "first_scheduled_s": column("first_scheduled_s", np.float64),
+        "first_token_s": column("first_token_s", np.float64),
+        "finish_s": column("finish_s", np.float64),
+        "num_preemptions": column("num_preemptions", np.int64),
         # Set by QoS-aware batch policies (sim.qos, policies.edf/niyama); inf / False otherwise.
-        "deadline_s": np.fromiter((r.deadline_s for r in requests), dtype=np.float64, count=len(rows)),
-        "relegated": np.fromiter((r.relegated for r in requests), dtype=np.bool_, count=len(rows)),
+        "deadline_s": column("deadline_s", np.float64),
+        "relegated": column("relegated", np.bool_),
     })
     df["ttft_s"] = df["first_token_s"] - df["arrival_s"]
     df["e2e_s"] = df["finish_s"] - df["arrival_s"]
     gaps = (df["num_output_tokens_done"] - 1).where(df["num_output_tokens_done"] > 1)
     df["tpot_s"] = (df["finish_s"] - df["first_token_s"]) / gaps
-    df["tbt_max_s"] = _max_gap(requests, step_end_times)
-    df["token_steps"] = [np.asarray(r.token_steps, dtype=np.int32) for r in requests]
+    token_steps = [r.token_steps for r in requests]
+    df["tbt_max_s"] = _max_gap(_segments(token_steps, df["replica"].to_numpy()), n, step_end_times)
+    df["token_steps"] = [np.asarray(t, dtype=np.int32) for t in token_steps]
     return df
 
 
 def _segments(token_steps: Sequence, replicas: np.ndarray):
     """Flatten per-request runs into arrays (request index, replica, first step, last step)."""
-    lens = np.fromiter((len(t) // 2 for t in token_steps), dtype=np.int64, count=len(token_steps))
-    if lens.sum() == 0:
+    lens = np.fromiter(map(len, token_steps), dtype=np.int64, count=len(token_steps)) // 2
+    total = int(lens.sum())
+    if total == 0:
         e = np.empty(0, dtype=np.int64)
         return e, e, e, e
-    flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in token_steps if len(t)])
+    flat = np.fromiter(chain.from_iterable(token_steps), dtype=np.int64, count=2 * total)
     idx = np.repeat(np.arange(len(token_steps)), lens)
     return idx, replicas[idx], flat[0::2], flat[1::2]
 
@@ -78,10 +81,10 @@ def _gap_arrays(step_end_times: Sequence[np.ndarray]):
     return gaps, ends, offsets
 
 
-def _max_gap(requests: Sequence[Request], step_end_times: Sequence[np.ndarray]) -> np.ndarray:
-    out = np.full(len(requests), np.nan)
-    replicas = np.fromiter((r.replica for r in requests), dtype=np.int64, count=len(requests))
-    idx, rep, a, b = _segments([r.token_steps for r in requests], replicas)
+def _max_gap(segments, num_requests: int, step_end_times: Sequence[np.ndarray]) -> np.ndarray:
+    """Each request's longest gap between consecutive tokens (NaN with fewer than two)."""
+    out = np.full(num_requests, np.nan)
+    idx, rep, a, b = segments
     if idx.size == 0:
         return out
     gaps, ends, offsets = _gap_arrays(step_end_times)

@@ -57,9 +57,11 @@ class StepLog:
 
     def columns(self) -> dict[str, np.ndarray]:
         """All steps as column arrays."""
-        return {name: np.array(col, dtype=np.float64 if name in _FLOAT else np.int64)
+        n = self.num_steps
+        return {name: np.fromiter(col, dtype=np.float64 if name in _FLOAT else np.int64, count=n)
                 for name, col in zip(COLUMNS, self._cols)}
 
     def end_times(self) -> np.ndarray:
         """End time of every step, by step index."""
-        return np.array(self._cols[0], dtype=np.float64) + np.array(self._cols[1], dtype=np.float64)
+        n = self.num_steps
+        return np.fromiter(self._cols[0], np.float64, n) + np.fromiter(self._cols[1], np.float64, n)
