@@ -190,25 +190,31 @@ def simulate_like_engine(requests: pd.DataFrame, cost_model, policy_factory, eng
 
 class ServingOverheadCostModel:
     """A profiled cost model plus the per-step time the *serving* engine adds: `base(shape) +
-    const_s + per_request_s * batch_size`. vLLM's profiled steps run the engine core in-process;
-    behind the OpenAI server the engine core also serialises every request's output for the API
-    server process (and shares the CPU with it), which the profile never timed. Both numbers come
-    from `_serving_overhead`, a calibration on steady decode batches before the validation runs."""
+    const_s + per_request_s * batch_size + per_prefill_token_s * num_prefill_tokens`. vLLM's
+    profiled steps run the engine core in-process; behind the OpenAI server the engine core
+    talks to a separate worker process and serialises every request's output for the API
+    server process (sharing the CPU with it), which the profile never timed. The numbers come
+    from `_serving_overhead`, a calibration on its own traffic before the validation runs
+    (steady decode batches and lone prefills); `per_prefill_token_s` is an empirical correction
+    (it came out negative: long served prefill steps ran faster than profile + constant)."""
 
-    def __init__(self, base, const_s: float, per_request_s: float) -> None:
+    def __init__(self, base, const_s: float, per_request_s: float, per_prefill_token_s: float = 0.0) -> None:
         self.base = base
         self.const_s = float(const_s)
         self.per_request_s = float(per_request_s)
+        self.per_prefill_token_s = float(per_prefill_token_s)
         self.name = (f"{getattr(base, 'name', 'cost model')}+serving({1e3 * const_s:.2f} ms"
-                     f" + {1e3 * per_request_s:.3f} ms/req)")
+                     f" + {1e3 * per_request_s:.3f} ms/req + {1e6 * per_prefill_token_s:.2f} us/prefill token)")
 
     def step_time_s(self, num_prefill_tokens, prefill_context, num_decodes, decode_context_sum, batch_size) -> float:
         t = self.base.step_time_s(num_prefill_tokens, prefill_context, num_decodes, decode_context_sum, batch_size)
-        return max(t + self.const_s + self.per_request_s * batch_size, 1e-6)
+        return max(t + self.const_s + self.per_request_s * batch_size + self.per_prefill_token_s * num_prefill_tokens,
+                   1e-6)
 
     def step_times_s(self, num_prefill_tokens, prefill_context, num_decodes, decode_context_sum, batch_size):
         t = self.base.step_times_s(num_prefill_tokens, prefill_context, num_decodes, decode_context_sum, batch_size)
-        return np.maximum(t + self.const_s + self.per_request_s * np.asarray(batch_size, dtype=float), 1e-6)
+        return np.maximum(t + self.const_s + self.per_request_s * np.asarray(batch_size, dtype=float)
+                          + self.per_prefill_token_s * np.asarray(num_prefill_tokens, dtype=float), 1e-6)
 
     def num_kv_blocks(self, block_size: int):
         return self.base.num_kv_blocks(block_size)
@@ -395,8 +401,9 @@ def run(cfg: DictConfig, out_dir: str | Path) -> ValidationResult:
                                                             policy_factory, engine)
         report.write()
         so = report.data["serving_overhead"]
-        if so["const_s"] or so["per_request_s"]:
-            cost_model = ServingOverheadCostModel(cost_model, so["const_s"], so["per_request_s"])
+        if so["const_s"] or so["per_request_s"] or so.get("per_prefill_token_s"):
+            cost_model = ServingOverheadCostModel(cost_model, so["const_s"], so["per_request_s"],
+                                                  so.get("per_prefill_token_s", 0.0))
         for pool in pools:
             sat = _saturation(cfg, pool, server, scfg, rcfg, vocab, cost_model, policy_factory, engine, out,
                               frontend_s)
@@ -477,25 +484,33 @@ def _warm_up(server: LiveServer, scfg: ServerConfig, rcfg: ReplayConfig, vocab: 
 
 
 def _serving_overhead(cfg, server, scfg, rcfg, vocab, cost_model, policy_factory, engine) -> dict:
-    """Per-step time the serving engine adds to the profiled step, as `const_s + per_request_s * batch`.
-    For each batch size B, B identical requests arrive at once and decode together; the engine's own
-    mean inter-token latency (vLLM's histogram, stamped by the engine core, so HTTP and client delays
-    do not enter) is compared with the mean token gap of the same requests simulated with the cost
-    model, and the differences are fitted linearly in B. Calibration traffic only (never the
-    validation runs); `none` keeps the profiled cost model, `fixed` takes the two numbers given."""
+    """Per-step time the serving engine adds to the profiled step, as `const_s + per_request_s *
+    batch + per_prefill_token_s * prefill_tokens`. Decode points: for each batch size B, B
+    identical requests arrive at once and decode together; the engine's own mean inter-token
+    latency (vLLM's histogram, stamped by the engine core, so HTTP and client delays do not
+    enter) is compared with the mean token gap of the same requests simulated with the cost
+    model. Prefill points: for each prompt size P, requests sent one at a time to the idle engine;
+    the engine's mean prefill time (scheduled to first token, one step) is compared with the cost
+    model's price of that step. The differences are fitted by least squares (without prefill
+    points, `per_prefill_token_s` is 0). Calibration traffic only (never the validation runs);
+    `none` keeps the profiled cost model, `fixed` takes the numbers given."""
     c = OmegaConf.to_container(cfg.serving_overhead, resolve=True)
     mode = c["mode"]
     if mode == "none":
-        return {"mode": "none", "const_s": 0.0, "per_request_s": 0.0}
+        return {"mode": "none", "const_s": 0.0, "per_request_s": 0.0, "per_prefill_token_s": 0.0}
     if mode == "fixed":
-        return {"mode": "fixed", "const_s": float(c["const_s"]), "per_request_s": float(c["per_request_s"])}
+        return {"mode": "fixed", "const_s": float(c["const_s"]), "per_request_s": float(c["per_request_s"]),
+                "per_prefill_token_s": float(c.get("per_prefill_token_s") or 0.0)}
     if mode != "calibrate":
         raise InputError("unknown mode; choose calibrate, fixed or none", field="serving_overhead.mode", value=mode)
     batches = [int(b) for b in c["batch_sizes"]]
+    prefills = [int(q) for q in (c.get("prefill_prompt_tokens") or [])]
     p, o = int(c["prompt_tokens"]), int(c["output_tokens"])
     if len(set(batches)) < 2 or min(batches) < 1 or o < 3 or p < 1:
         raise InputError("needs >= 2 distinct batch sizes >= 1, prompt_tokens >= 1 and output_tokens >= 3",
                          field="serving_overhead", value=c)
+    if prefills and min(prefills) < 1:
+        raise InputError("prompt sizes must be >= 1", field="serving_overhead.prefill_prompt_tokens", value=prefills)
     points = []
     for b in batches:
         asyncio.run(wait_idle(server.base_url, alive=server.check_alive))
@@ -510,15 +525,41 @@ def _serving_overhead(cfg, server, scfg, rcfg, vocab, cost_model, policy_factory
         sim_itl = float(np.average(v, weights=w))
         if not math.isfinite(live_itl):
             raise ServerError("serving-overhead calibration: the engine reported no inter-token latency on /metrics")
-        points.append({"batch_size": b, "engine_mean_itl_s": live_itl, "sim_mean_itl_s": sim_itl,
-                       "diff_s": live_itl - sim_itl,
+        points.append({"kind": "decode", "batch_size": b, "prefill_tokens": 0, "engine_mean_itl_s": live_itl,
+                       "sim_mean_itl_s": sim_itl, "diff_s": live_itl - sim_itl,
                        "client_mean_gap_s": float(np.mean(live_tbt_samples(live.requests))),
                        "client_coalesced_token_share": live.overhead["coalesced_token_share"]})
-    x = np.array([q["batch_size"] for q in points], dtype=float)
-    y = np.array([q["diff_s"] for q in points])
-    per_request, const = np.polyfit(x, y, 1)
-    return {"mode": "calibrate", "const_s": float(const), "per_request_s": float(per_request), "points": points,
-            "prompt_tokens": p, "output_tokens": o}
+    n_pre, gap = int(c.get("prefill_requests") or 8), float(c.get("prefill_gap_s") or 0.6)
+    for q in prefills:
+        asyncio.run(wait_idle(server.base_url, alive=server.check_alive))
+        wl = pd.DataFrame({"request_id": np.arange(n_pre), "arrival_s": np.arange(n_pre) * gap,
+                           "num_prompt_tokens": np.full(n_pre, q), "num_output_tokens": np.full(n_pre, 2)})
+        live = replay(server.base_url, scfg.served_model_name, wl, rcfg, vocab_size=vocab, alive=server.check_alive)
+        if live.failure or (live.requests["outcome"] != FINISHED).any():
+            raise ServerError(f"the serving-overhead calibration failed at a {q}-token prefill: {live.failure}")
+        live_pre = float(live.counters.get("engine_mean_prefill_s", math.nan))
+        if not math.isfinite(live_pre):
+            raise ServerError("serving-overhead calibration: the engine reported no prefill time on /metrics")
+        sim_pre = float(cost_model.step_time_s(q, 0, 0, 0, 1))
+        points.append({"kind": "prefill", "batch_size": 1, "prefill_tokens": q, "engine_mean_prefill_s": live_pre,
+                       "sim_step_s": sim_pre, "diff_s": live_pre - sim_pre})
+    return {"mode": "calibrate", **fit_serving_overhead(points), "points": points, "prompt_tokens": p,
+            "output_tokens": o}
+
+
+def fit_serving_overhead(points: list[dict]) -> dict:
+    """Least-squares `diff_s ~ const_s + per_request_s * batch_size + per_prefill_token_s *
+    prefill_tokens` over calibration points; without a point with prefill tokens the last
+    term is 0 (it cannot be identified)."""
+    x = np.array([[1.0, q["batch_size"], q["prefill_tokens"]] for q in points], dtype=float)
+    y = np.array([q["diff_s"] for q in points], dtype=float)
+    with_prefill = bool(np.any(x[:, 2] > 0))
+    if not with_prefill:
+        x = x[:, :2]
+    coef = np.linalg.lstsq(x, y, rcond=None)[0]
+    return {"const_s": float(coef[0]), "per_request_s": float(coef[1]),
+            "per_prefill_token_s": float(coef[2]) if with_prefill else 0.0,
+            "fit_residuals_s": (y - x @ coef).tolist()}
 
 
 def _frontend_latency(cfg, server, scfg, rcfg, vocab) -> dict:

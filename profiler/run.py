@@ -83,6 +83,7 @@ def run(cfg: DictConfig, *, vllm_driver=None) -> ProfileResult:
         engine, engine_version = "vllm", vllm_version()
         max_tokens, max_seqs, max_len = driver.max_budget, driver.cfg.max_num_seqs, driver.cfg.max_model_len
         meta.update(engine_args=driver.engine_args, environment=driver.env, engine_startup_s=driver.startup_s,
+                    sampling={"temperature": float(driver.cfg.temperature), "top_p": 1.0, "top_k": 0},
                     engine_threads=driver.engine_threads, kv_blocks=driver.kv_blocks, block_size=driver.block_size,
                     kv_source="vLLM scheduler cache_config (num_gpu_blocks, block_size) after start-up")
     else:

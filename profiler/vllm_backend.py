@@ -53,12 +53,18 @@ class VllmEngineConfig:
     """OpenMP / torch threads of the engine (`OMP_NUM_THREADS`)."""
     seed: int = 0
     """Seed for the engine and the random prompt tokens."""
+    temperature: float = 1.0
+    """Sampling temperature of the profiled requests. It changes the step time: random sampling
+    (vLLM's default, 1.0) draws over the whole vocabulary per request, greedy (0.0) does not,
+    so a cost model prices traffic sampled like its profile (recorded in the metadata)."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "kv_cache_space_gib", "num_threads"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"VllmEngineConfig.{name} must be a positive integer, got {v!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"VllmEngineConfig.temperature must be a number >= 0, got {self.temperature!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("VllmEngineConfig.gpu_memory_utilization must be in (0, 1], "
                              f"got {self.gpu_memory_utilization}")
@@ -159,7 +165,8 @@ class VllmStepDriver:
         external = f"prof-{self._next_id}"
         self._next_id += 1
         tokens = self._rng.integers(10, self.vocab_size - 1, size=prompt_len).tolist()
-        params = self._SamplingParams(max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+        params = self._SamplingParams(max_tokens=max_tokens, ignore_eos=True, detokenize=False,
+                                      temperature=float(self.cfg.temperature))
         internal = self.engine.add_request(external, self._TokensPrompt(prompt_token_ids=tokens), params)
         self._external[internal] = external
         return internal

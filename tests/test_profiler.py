@@ -133,6 +133,8 @@ def test_vllm_profile_records_engine_capacity_and_host(vllm_profile, vllm_driver
     assert meta["engine_version"] and meta["host"]["libraries"]["torch"]
     assert meta["model_load_s"] == pytest.approx(meta["weight_bytes"] / meta["load_bandwidth_bytes_s"])
     assert meta["weight_bytes"] > 0 and meta["engine_args"]["enable_prefix_caching"] is False
+    # sampling changes step time, so the profile says how its requests were sampled
+    assert meta["sampling"]["temperature"] == vllm_driver.cfg.temperature == 1.0
     steps = pd.read_csv(vllm_profile.out_dir / "steps.csv")
     assert len(steps) >= 3 * len(vllm_profile.rows)  # quick grid: 3 repetitions per shape
 
@@ -257,3 +259,11 @@ def test_shipped_cpu_profile_and_cost_model_agree():
     rel = np.abs(pred - rows["median_s"].to_numpy()) / rows["median_s"].to_numpy()
     for kind in ("prefill", "decode", "mixed"):
         assert rel[(rows["step_kind"] == kind).to_numpy()].mean() <= cm.provenance["cv_mape"][kind] + 1e-9
+
+
+@pytest.mark.parametrize("bad", [-0.5, "hot", True])
+def test_vllm_engine_config_rejects_a_bad_sampling_temperature(bad):
+    from profiler.vllm_backend import VllmEngineConfig
+
+    with pytest.raises(ValueError, match="temperature"):
+        VllmEngineConfig(model_dir="unused", temperature=bad)

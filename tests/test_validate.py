@@ -346,7 +346,7 @@ def compose_validate(overrides=()):
 def _validate_cfg(tmp_path, script, mode, **over):
     cfg = compose_validate(["loads=[0.5]", "duration_s=2", "min_requests=10", "max_requests=30", "warmup_requests=2",
                             "frontend.num_requests=5", "frontend.gap_s=0.05", "serving_overhead.batch_sizes=[1,4]",
-                            "serving_overhead.output_tokens=12",
+                            "serving_overhead.output_tokens=12", "serving_overhead.prefill_prompt_tokens=[]",
                             "saturation.method=fixed", "+saturation.rates_qps.conv=20.0", "~workloads.code",
                             "tolerance.p50=0.05", "tolerance.p90=0.05", "tolerance.p99=0.1"])
     toy_cost = {"_target_": "sim.costmodels.linear.LinearRegimesCostModel", "_convert_": "all", "name": "toy",
@@ -436,3 +436,22 @@ def test_validate_app_crash_writes_partial_report(fake_server_script, tmp_path):
     assert data["status"] == "failed" and "mid-run" in data["error"]
     assert (tmp_path / "out" / "conv-load0.5" / "requests_live.parquet").exists()
     assert data["server_exit_status"] is not None
+
+
+def test_serving_overhead_fit_recovers_a_known_overhead_and_prices_prefill_tokens():
+    from experiments.validate import ServingOverheadCostModel, fit_serving_overhead
+    from sim.costmodel import ConstantCostModel
+
+    const, per_req, per_tok = 0.003, 2e-5, -1.5e-5
+    points = [{"batch_size": b, "prefill_tokens": q, "diff_s": const + per_req * b + per_tok * q}
+              for b, q in [(1, 0), (8, 0), (32, 0), (64, 0), (1, 64), (1, 256), (1, 448)]]
+    fit = fit_serving_overhead(points)
+    assert fit["const_s"] == pytest.approx(const) and fit["per_request_s"] == pytest.approx(per_req)
+    assert fit["per_prefill_token_s"] == pytest.approx(per_tok)
+    # decode points alone cannot say anything about prefill tokens
+    assert fit_serving_overhead([p for p in points if not p["prefill_tokens"]])["per_prefill_token_s"] == 0.0
+    model = ServingOverheadCostModel(ConstantCostModel(0.1), fit["const_s"], fit["per_request_s"],
+                                     fit["per_prefill_token_s"])
+    assert model.step_time_s(448, 0, 16, 1000, 17) == pytest.approx(0.1 + const + per_req * 17 + per_tok * 448)
+    assert model.step_times_s([448, 0], 0, [16, 4], 0, [17, 4]).tolist() == pytest.approx(
+        [0.1 + const + per_req * 17 + per_tok * 448, 0.1 + const + per_req * 4])
