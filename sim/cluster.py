@@ -138,11 +138,12 @@ def simulate(
 
     # Arrivals are a chain of timeouts with a callback (cheaper than a generator process).
     # Each timeout delivers the next request, then every later one due at the same instant.
-    state = {"next": 0, "last_update": 0.0}
+    next_k, last_update = 0, 0.0
 
     def on_arrival(_event) -> None:
+        nonlocal next_k, last_update
         now = env.now
-        k = state["next"]
+        k = next_k
         while True:
             req = requests[k]
             group = eligible(req.model)
@@ -159,8 +160,8 @@ def simulate(
                 else:
                     target.submit(req)
             if bar is not None and (k & 1023) == 0:
-                bar.update(now - state["last_update"])
-                state["last_update"] = now
+                bar.update(now - last_update)
+                last_update = now
             k += 1
             if k == n_total:
                 break
@@ -168,7 +169,7 @@ def simulate(
             if delay > 0:
                 env.timeout(delay).callbacks.append(on_arrival)
                 break
-        state["next"] = k
+        next_k = k
 
     if n_total:
         env.timeout(requests[0].arrival_s).callbacks.append(on_arrival)

@@ -82,9 +82,9 @@ class Replica:
         self.steps = StepLog()
         self._admit_seq = 0
         self._wake: simpy.Event | None = None  # set while idle; an arrival triggers it
-        self._interruptible = False  # True while waiting out a fast-forward chunk
         self._ff: tuple | None = None  # fast-forward in flight (see _fast_forward)
-        self._ff_event: simpy.Event | None = None  # the event the loop waits on while fast-forwarding
+        # the chunk's timeout while the loop waits on it and no arrival has cut it short yet
+        self._ff_event: simpy.Event | None = None
         self._ff_cut = 0  # steps of the chunk in flight to apply when an arrival cut it short
         # True while the last plan was validated as stable by the policy and since then only
         # decode steps and completions happened: the policy would decode every running
@@ -108,8 +108,7 @@ class Replica:
         self.num_outstanding_requests += 1
         self._outstanding_tokens += request.remaining_work_tokens
         self._stable_ok = False
-        if self._interruptible:  # fast-forwarding: finish the step in flight, then reschedule
-            self._interruptible = False
+        if self._ff_event is not None:  # fast-forwarding: finish the step in flight, then reschedule
             self._cut_fast_forward()
             return
         wake = self._wake
@@ -372,10 +371,9 @@ class Replica:
             if not ends:
                 break
             self._ff = (ends, starts, durs, dctx, kv_used, n, num_waiting)
-            self._interruptible = True
             self._ff_event = env.timeout(ends[-1] - env.now)
             yield self._ff_event
-            self._interruptible = False
+            self._ff_event = None
             if self._ff_cut:
                 # An arrival: the step in flight has finished; the policy sees the new request.
                 self._apply_fast_forward(self._ff_cut)
@@ -396,6 +394,7 @@ class Replica:
         self._ff_cut = m
         proc = self.process
         self._ff_event.callbacks.remove(proc._resume)
+        self._ff_event = None
         wake = env.timeout(ends[m - 1] - env.now)
         wake.callbacks.append(proc._resume)
         proc._target = wake
