@@ -121,7 +121,7 @@ class Replica:
         ff = self._ff
         if ff is None:
             return self._outstanding_tokens
-        return self._outstanding_tokens - ff[5] * bisect_right(ff[0], self.env.now)
+        return self._outstanding_tokens - ff[4] * bisect_right(ff[0], self.env.now)
 
     # ------------------------------------------------------- running requests
     @property
@@ -339,39 +339,23 @@ class Replica:
         g = self.group
         n = len(g.members)
         cost = self.cost_model.step_time_s
-        k_max = min(g.min_remaining(), self.max_fast_forward_steps)
-        bs = self.kv.block_size
-        capacity = self.kv.num_blocks
-        residues = g.residues
-        used = self.kv.num_used_blocks
+        k_max = min(g.min_remaining(), self.max_fast_forward_steps, self._kv_step_limit())
         ctx_sum = g.ctx_sum()
-        clock = g.clock
         num_waiting = len(self.waiting)
         t = env.now
         done = 0
         chunk = 4
         while done < k_max:
-            # Plan steps done+1 .. done+chunk exactly as the step-by-step loop would price them.
-            starts, durs, dctx, kv_used, ends = [], [], [], [], []
+            # Price steps done+1 .. done+chunk exactly as the step-by-step loop would.
+            t0 = t
+            durs, ends = [], []
             for k in range(done, min(done + chunk, k_max)):
-                if k:
-                    need = residues[(-(clock + k)) % bs]
-                    if used + need > capacity:
-                        k_max = k  # KV runs short at this step: stop before it
-                        break
-                    used += need
-                c = ctx_sum + n * k
-                d = cost(0, 0, n, c, n)
-                starts.append(t)
+                d = cost(0, 0, n, ctx_sum + n * k, n)
                 t = t + d
                 durs.append(d)
-                dctx.append(c)
-                kv_used.append(used)
                 ends.append(t)
-            if not ends:
-                break
-            self._ff = (ends, starts, durs, dctx, kv_used, n, num_waiting)
-            self._ff_event = env.timeout(ends[-1] - env.now)
+            self._ff = (ends, durs, t0, ctx_sum + n * done, n, num_waiting, done == 0)
+            self._ff_event = env.timeout(t - env.now)
             yield self._ff_event
             self._ff_event = None
             if self._ff_cut:
@@ -382,6 +366,24 @@ class Replica:
             self._apply_fast_forward(len(ends))
             done += len(ends)
             chunk *= 2
+
+    def _kv_step_limit(self) -> int:
+        """How many decode steps of the group the free KV blocks cover (the first step's
+        blocks are already reserved). Every `block_size` steps each member needs exactly one
+        block, so whole cycles are skipped and at most one cycle is walked."""
+        g = self.group
+        n = len(g.members)
+        free = self.kv.num_blocks - self.kv.num_used_blocks
+        bs = self.kv.block_size
+        cycles = free // n
+        need = cycles * n
+        k = cycles * bs + 1  # steps 1 .. cycles*bs need cycles*n blocks
+        residues, clock = g.residues, g.clock
+        while True:
+            need += residues[(-(clock + k)) % bs]
+            if need > free:
+                return k
+            k += 1
 
     def _cut_fast_forward(self) -> None:
         """An arrival during a fast-forward chunk: wake the engine loop at the end of the step
@@ -401,12 +403,22 @@ class Replica:
 
     def _apply_fast_forward(self, m: int) -> None:
         """Apply the first `m` steps of the fast-forward chunk in flight."""
-        ends, starts, durs, dctx, kv_used, n, num_waiting = self._ff
+        ends, durs, t0, ctx0, n, num_waiting, first_reserved = self._ff
         self._ff = None
-        self.steps.extend_decodes(starts[:m], durs[:m], n, dctx[:m], kv_used[:m], num_waiting)
-        self.kv.num_used_blocks = kv_used[m - 1]
+        g = self.group
+        # KV blocks in use after each step's reservation (the stretch's first step's were
+        # reserved before it started)
+        residues, clock, bs = g.residues, g.clock, self.kv.block_size
+        used = self.kv.num_used_blocks
+        kv_used = []
+        for j in range(m):
+            if j or not first_reserved:
+                used += residues[(-(clock + j)) % bs]
+            kv_used.append(used)
+        self.steps.extend_decodes([t0] + ends[:m - 1], durs[:m], n, ctx0, kv_used, num_waiting)
+        self.kv.num_used_blocks = used
         self._outstanding_tokens -= n * m
-        self.group.advance(m)
+        g.advance(m)
         self._retire(ends[m - 1], False)
 
     def flush(self, horizon_s: float) -> None:
