@@ -29,8 +29,12 @@ class CostModel(Protocol):
     - `batch_size`: requests in the step (prefill chunks + decodes).
 
     `step_times_s` is the vectorised form: numpy arrays in, an array out, and it must give
-    the same values as `step_time_s` element by element (the simulator's fast-forward uses
-    it and is tested to match step-by-step simulation).
+    the same values as `step_time_s` element by element (fitting and calibration use it).
+
+    Optional: `decode_step_time_fn(num_decodes)` returns a one-argument function of the
+    decode context sum equal to `step_time_s(0, 0, num_decodes, c, num_decodes)`; the
+    simulator's fast-forward prices decode runs with it when a model has it (the linear
+    models do), else it calls `step_time_s`.
     """
 
     name: str

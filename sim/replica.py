@@ -338,8 +338,10 @@ class Replica:
         env = self.env
         g = self.group
         n = len(g.members)
-        cost = self.cost_model.step_time_s
-        k_max = min(g.min_remaining(), self.max_fast_forward_steps, self._kv_step_limit())
+        cost = self._decode_step_time(n)
+        k_max = min(g.min_remaining(), self.max_fast_forward_steps)
+        if n * -(-(k_max - 1) // self.kv.block_size) > self.kv.num_blocks - self.kv.num_used_blocks:
+            k_max = min(k_max, self._kv_step_limit())  # the free blocks may not last the stretch
         ctx_sum = g.ctx_sum()
         num_waiting = len(self.waiting)
         t = env.now
@@ -350,7 +352,7 @@ class Replica:
             t0 = t
             durs, ends = [], []
             for k in range(done, min(done + chunk, k_max)):
-                d = cost(0, 0, n, ctx_sum + n * k, n)
+                d = cost(ctx_sum + n * k)
                 t = t + d
                 durs.append(d)
                 ends.append(t)
@@ -366,6 +368,15 @@ class Replica:
             self._apply_fast_forward(len(ends))
             done += len(ends)
             chunk *= 2
+
+    def _decode_step_time(self, n: int) -> Callable[[int], float]:
+        """Step time of `n` decodes as a function of their context sum (the cost model's
+        `decode_step_time_fn` when it has one: same values, less work per step)."""
+        fn = getattr(self.cost_model, "decode_step_time_fn", None)
+        if fn is not None:
+            return fn(n)
+        step_time_s = self.cost_model.step_time_s
+        return lambda decode_context_sum: step_time_s(0, 0, n, decode_context_sum, n)
 
     def _kv_step_limit(self) -> int:
         """How many decode steps of the group the free KV blocks cover (the first step's

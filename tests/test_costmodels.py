@@ -156,6 +156,15 @@ def test_published_and_roofline_scalar_equal_vectorised(batch):
         assert_scalar_matches_vector(cm, batch)
 
 
+@settings(max_examples=60, deadline=None)
+@given(linear_models(), st.integers(1, 600), st.lists(st.integers(0, 2_000_000), min_size=1, max_size=20))
+def test_linear_decode_step_fn_equals_step_time_bit_for_bit(random_model, n, contexts):
+    # fast-forward prices decode runs with it and must match step-by-step simulation exactly
+    for cm in (random_model, _models_under_test()[0]):
+        fn = cm.decode_step_time_fn(n)
+        assert [fn(c) for c in contexts] == [cm.step_time_s(0, 0, n, c, n) for c in contexts]
+
+
 def test_scalar_equals_vectorised_on_many_random_shapes():
     rng = np.random.default_rng(7)
     n = 3000

@@ -235,6 +235,26 @@ class LinearRegimesCostModel:
         m = self.min_step_s
         return t if t > m else m
 
+    def decode_step_time_fn(self, num_decodes: int):
+        """`step_time_s(0, 0, num_decodes, c, num_decodes)` as a function of the context sum
+        `c`, with the terms that do not depend on `c` folded once: the same floating-point
+        operations in the same order (the folded terms are exact zeros), so the same values
+        bit for bit. The simulator's fast-forward prices long decode runs with it."""
+        n = num_decodes
+        for regime in self._scalar_regimes:
+            if n <= regime[0]:
+                break
+        _, c0, cn, cp, cd, ccd, ccp, cb, cp2, cpc = regime
+        head = c0 + cn * n + cp * 0 + cd * n
+        tail = cb * n
+        m = self.min_step_s
+
+        def step_time(decode_context_sum: int) -> float:
+            t = head + ccd * decode_context_sum + tail
+            return t if t > m else m
+
+        return step_time
+
     def step_times_s(self, num_prefill_tokens, prefill_context, num_decodes, decode_context_sum, batch_size):
         P, Cp, D, Cd, B = np.broadcast_arrays(*(np.asarray(a, dtype=float) for a in (
             num_prefill_tokens, prefill_context, num_decodes, decode_context_sum, batch_size)))
