@@ -346,7 +346,7 @@ class Replica:
         num_waiting = len(self.waiting)
         t = env.now
         done = 0
-        chunk = 4
+        chunk = 16
         while done < k_max:
             # Price steps done+1 .. done+chunk exactly as the step-by-step loop would.
             t0 = t
