@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections import deque
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -90,6 +91,7 @@ class Replica:
         # decode steps and completions happened: the policy would decode every running
         # request again, so the loop may skip it (an arrival or any other step clears it).
         self._stable_ok = False
+        self._decode_fns: dict[int, Callable[[int], float]] = {}  # see _decode_step_time
         self.process = env.process(self.engine_loop())
 
     # ----------------------------------------------------------------- arrivals
@@ -178,21 +180,26 @@ class Replica:
     def engine_loop(self):
         env = self.env
         ctx = self.ctx
-        cost = self.cost_model
+        # bound once: these objects live as long as the replica (their contents change)
+        waiting, running, group, kv = self.waiting, self.running, self.group, self.kv
+        schedule = self.policy.schedule
+        step_time_s = self.cost_model.step_time_s
+        log_step = self.steps.append
+        max_num_seqs = self.limits.max_num_seqs
         while True:
-            if not self.waiting and not self.running and not len(self.group.members):
+            if not waiting and not running and not len(group.members):
                 self._wake = env.event()
                 yield self._wake
                 self._wake = None
-            if self._stable_ok and not self.running and len(self.group.members) and (
-                    not self.waiting or len(self.group.members) >= self.limits.max_num_seqs) and (
-                    self.group.min_remaining() >= self.min_fast_forward_steps):
+            if self._stable_ok and not running and len(group.members) and (
+                    not waiting or len(group.members) >= max_num_seqs) and (
+                    group.min_remaining() >= self.min_fast_forward_steps):
                 if self._allocate_decode_step():
                     yield from self._fast_forward()
                     continue
             self._stable_ok = False
-            ctx.now = env.now
-            plan = self.policy.schedule(ctx)
+            start = ctx.now = env.now
+            plan = schedule(ctx)
             if self.check_plans:
                 self._check(plan)
             self._commit(plan)
@@ -201,26 +208,25 @@ class Replica:
                     continue
                 raise PlanError(
                     f"{self.name}: policy {type(self.policy).__name__} scheduled nothing at "
-                    f"t={env.now:.6f}s with {len(self.waiting)} waiting, {self.num_running} running, "
-                    f"{self.kv.num_free_blocks}/{self.kv.num_blocks} KV blocks free"
+                    f"t={env.now:.6f}s with {len(waiting)} waiting, {self.num_running} running, "
+                    f"{kv.num_free_blocks}/{kv.num_blocks} KV blocks free"
                 )
             if self.fast_forward and self._stable(plan):
                 self._stable_ok = True
                 yield from self._fast_forward()
                 continue
-            num_prefill, prefill_ctx, num_decodes, decode_ctx, batch = ctx.plan_shape(plan)
-            dur = cost.step_time_s(num_prefill, prefill_ctx, num_decodes, decode_ctx, batch)
-            start = env.now
-            kv_used = self.kv.num_used_blocks
-            num_waiting = len(self.waiting)
+            num_prefill, prefill_ctx, num_decodes, decode_ctx, batch = plan.shape(
+                group.ctx_sum() if plan.num_group_decodes else 0)
+            dur = step_time_s(num_prefill, prefill_ctx, num_decodes, decode_ctx, batch)
+            kv_used = kv.num_used_blocks
+            num_waiting = len(waiting)
             yield env.timeout(dur)
-            self.steps.append(start, dur, num_prefill, prefill_ctx, num_decodes, decode_ctx, batch,
-                              kv_used, num_waiting)
+            log_step(start, dur, num_prefill, prefill_ctx, num_decodes, decode_ctx, batch, kv_used, num_waiting)
             self._advance(plan, env.now)
             # Every running request now decodes in the group and nothing waits: by the
             # fast_forward_safe contract the policy would schedule exactly those decodes, so
             # the next iteration may skip asking it (KV is still checked there).
-            self._stable_ok = self.fast_forward and not self.running and not self.waiting
+            self._stable_ok = self.fast_forward and not running and not waiting
 
     def _commit(self, plan: StepPlan) -> None:
         """Apply preemptions and admissions at the start of the step."""
@@ -245,7 +251,8 @@ class Replica:
         if plan.admitted:
             admitted = plan.admitted
             waiting = self.waiting
-            if all(waiting[i] is r for i, r in enumerate(admitted)):
+            if waiting and waiting[0] is admitted[0] and (len(admitted) == 1 or all(
+                    waiting[i] is r for i, r in enumerate(admitted))):
                 for _ in admitted:
                     waiting.popleft()
             else:
@@ -372,11 +379,16 @@ class Replica:
     def _decode_step_time(self, n: int) -> Callable[[int], float]:
         """Step time of `n` decodes as a function of their context sum (the cost model's
         `decode_step_time_fn` when it has one: same values, less work per step)."""
-        fn = getattr(self.cost_model, "decode_step_time_fn", None)
-        if fn is not None:
-            return fn(n)
-        step_time_s = self.cost_model.step_time_s
-        return lambda decode_context_sum: step_time_s(0, 0, n, decode_context_sum, n)
+        fn = self._decode_fns.get(n)
+        if fn is None:
+            make = getattr(self.cost_model, "decode_step_time_fn", None)
+            if make is not None:
+                fn = make(n)
+            else:
+                step_time_s = self.cost_model.step_time_s
+                fn = partial(_decode_step_time, step_time_s, n)
+            self._decode_fns[n] = fn
+        return fn
 
     def _kv_step_limit(self) -> int:
         """How many decode steps of the group the free KV blocks cover (the first step's
@@ -460,6 +472,10 @@ class Replica:
                 raise PlanError(f"{self.name}: {req} both scheduled and preempted")
         if not 0 <= self.kv.num_used_blocks <= self.kv.num_blocks:
             raise PlanError(f"{self.name}: KV blocks used {self.kv.num_used_blocks} outside [0, {self.kv.num_blocks}]")
+
+
+def _decode_step_time(step_time_s, n: int, decode_context_sum: int) -> float:
+    return step_time_s(0, 0, n, decode_context_sum, n)
 
 
 def _admit_seq(req: Request) -> int:
