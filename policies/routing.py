@@ -6,7 +6,6 @@ that list. Ties break by list position, so runs are deterministic.
 
 from __future__ import annotations
 
-from operator import attrgetter
 from typing import Sequence
 
 from sim.request import Request
@@ -26,9 +25,8 @@ class RoundRobin:
         return i
 
 
-def _least(replicas: Sequence[ReplicaLoad], load: str) -> int:
-    """Index of the replica with the smallest `load` attribute (first on ties)."""
-    loads = list(map(attrgetter(load), replicas))
+def _argmin(loads: list) -> int:
+    """Index of the smallest load (first on ties)."""
     return loads.index(min(loads))
 
 
@@ -36,11 +34,11 @@ class LeastOutstandingRequests:
     """The replica holding the fewest unfinished requests (waiting + running)."""
 
     def route(self, request: Request, replicas: Sequence[ReplicaLoad], now: float) -> int:
-        return _least(replicas, "num_outstanding_requests")
+        return _argmin([r.num_outstanding_requests for r in replicas])
 
 
 class LeastOutstandingTokens:
     """The replica with the fewest tokens still to compute (prompts left plus outputs left)."""
 
     def route(self, request: Request, replicas: Sequence[ReplicaLoad], now: float) -> int:
-        return _least(replicas, "num_outstanding_tokens")
+        return _argmin([r.num_outstanding_tokens for r in replicas])
