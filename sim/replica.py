@@ -192,11 +192,24 @@ class Replica:
                 yield self._wake
                 self._wake = None
             if self._stable_ok and not running and len(group.members) and (
-                    not waiting or len(group.members) >= max_num_seqs) and (
-                    group.min_remaining() >= self.min_fast_forward_steps):
-                if self._allocate_decode_step():
+                    not waiting or len(group.members) >= max_num_seqs) and self._allocate_decode_step():
+                # The policy would decode the whole group again (fast_forward_safe contract).
+                if group.min_remaining() >= self.min_fast_forward_steps:
                     yield from self._fast_forward()
                     continue
+                # A completion is too close for a stretch to pay off: one plain decode step.
+                n = len(group.members)
+                start = env.now
+                decode_ctx = group.ctx_sum()
+                dur = self._decode_step_time(n)(decode_ctx)
+                kv_used = kv.num_used_blocks
+                num_waiting = len(waiting)
+                yield env.timeout(dur)
+                log_step(start, dur, 0, 0, n, decode_ctx, n, kv_used, num_waiting)
+                self._outstanding_tokens -= n
+                group.advance(1)
+                self._retire(env.now, False)
+                continue
             self._stable_ok = False
             start = ctx.now = env.now
             plan = schedule(ctx)
