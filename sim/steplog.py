@@ -1,30 +1,34 @@
-"""Per-replica log of engine steps: one row a step, kept as one Python list per column.
+"""Per-replica log of engine steps: one row a step, kept as Python lists until the end.
 
-Step-by-step execution appends one value per column; fast-forward extends every column with
-a run of decode steps. Rows stay in time order, and a step's index in the log is what
-requests record for their tokens. Columns become numpy arrays at the end (`concat_columns`).
-(Lists, not `array.array` buffers: appending to those costs 4-15x more per value in CPython
-3.11, more than the one conversion at the end saves; measured.)
+Step-by-step execution appends one value per column. Fast-forward appends a run of decode
+steps: their start times, durations and KV use (which vary step to step) go into those
+columns, and the rest of the run (no prefill, `num_decodes` decodes, a context sum growing
+by `num_decodes` a step, the queue length) is one record, expanded with numpy when the
+table is built. Rows stay in time order, and a step's index in the log is what requests
+record for their tokens. `concat_columns` builds the arrays.
 """
 
 from __future__ import annotations
-
-from itertools import chain
 
 import numpy as np
 
 COLUMNS = ("start_s", "duration_s", "num_prefill_tokens", "prefill_context", "num_decodes",
            "decode_context_sum", "batch_size", "kv_blocks_used", "num_waiting")
 _FLOAT = {"start_s", "duration_s"}
+_EVERY_STEP = (0, 1, 7)  # columns with one list entry per step; the others skip decode runs
+_SHAPE = (2, 3, 4, 5, 6, 8)
 
 
 class StepLog:
-    """Append-only step table. Invariant: every column has `num_steps` entries."""
+    """Append-only step table. Invariant: columns 0, 1 and 7 have `num_steps` entries; the
+    others have one per step outside the decode runs in `_runs` (first row, length,
+    num_decodes, first context sum, num_waiting)."""
 
-    __slots__ = ("_cols", "num_steps")
+    __slots__ = ("_cols", "_runs", "num_steps")
 
     def __init__(self) -> None:
         self._cols: tuple[list, ...] = tuple([] for _ in COLUMNS)
+        self._runs: list[tuple[int, int, int, int, int]] = []
         self.num_steps = 0
 
     def append(self, start_s, duration_s, num_prefill_tokens, prefill_context, num_decodes,
@@ -45,25 +49,39 @@ class StepLog:
                        kv_blocks_used: list, num_waiting: int) -> None:
         """Append a run of decode-only steps (fast-forward): `num_decodes` requests each step,
         whose context sum starts at `first_context_sum` and grows by `num_decodes` a step."""
-        m = len(starts)
         c = self._cols
-        zeros = [0] * m
-        decodes = [num_decodes] * m
         c[0].extend(starts)
         c[1].extend(durations)
-        c[2].extend(zeros)
-        c[3].extend(zeros)
-        c[4].extend(decodes)
-        c[5].extend(range(first_context_sum, first_context_sum + num_decodes * m, num_decodes))
-        c[6].extend(decodes)
         c[7].extend(kv_blocks_used)
-        c[8].extend([num_waiting] * m)
+        m = len(starts)
+        self._runs.append((self.num_steps, m, num_decodes, first_context_sum, num_waiting))
         self.num_steps += m
+
+    def _arrays(self) -> list[np.ndarray]:
+        """This log's columns as arrays, decode runs expanded."""
+        n = self.num_steps
+        out = [np.fromiter(self._cols[j], dtype=np.float64 if COLUMNS[j] in _FLOAT else np.int64, count=n)
+               if j in _EVERY_STEP else None for j in range(len(COLUMNS))]
+        runs = np.array(self._runs, dtype=np.int64).reshape(-1, 5)
+        first, length, decodes, ctx0, waiting = runs.T
+        total = int(length.sum())
+        rows = np.repeat(first, length) + (np.arange(total) - np.repeat(np.cumsum(length) - length, length))
+        single = np.ones(n, dtype=bool)
+        single[rows] = False
+        per_run = {2: 0, 3: 0, 4: np.repeat(decodes, length), 6: np.repeat(decodes, length),
+                   8: np.repeat(waiting, length)}
+        per_run[5] = np.repeat(ctx0, length) + per_run[4] * (rows - np.repeat(first, length))
+        for j in _SHAPE:
+            col = np.empty(n, dtype=np.int64)
+            col[single] = np.fromiter(self._cols[j], dtype=np.int64, count=n - total)
+            col[rows] = per_run[j]
+            out[j] = col
+        return out
 
 
 def concat_columns(logs: list[StepLog]) -> dict[str, np.ndarray]:
-    """The steps of several logs, one after another, as column arrays (one pass per column)."""
-    n = sum(log.num_steps for log in logs)
-    return {name: np.fromiter(chain.from_iterable(log._cols[j] for log in logs),
-                              dtype=np.float64 if name in _FLOAT else np.int64, count=n)
+    """The steps of several logs, one after another, as column arrays."""
+    per_log = [log._arrays() for log in logs]
+    return {name: np.concatenate([a[j] for a in per_log]) if per_log else
+            np.empty(0, dtype=np.float64 if name in _FLOAT else np.int64)
             for j, name in enumerate(COLUMNS)}
