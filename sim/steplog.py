@@ -21,14 +21,15 @@ _SHAPE = (2, 3, 4, 5, 6, 8)
 
 class StepLog:
     """Append-only step table. Invariant: columns 0, 1 and 7 have `num_steps` entries; the
-    others have one per step outside the decode runs in `_runs` (first row, length,
-    num_decodes, first context sum, num_waiting)."""
+    others have one per step outside the decode runs, which `_runs` holds as five integers
+    each (first row, length, num_decodes, first context sum, num_waiting; a flat list of
+    ints, so the garbage collector has no object per run to visit)."""
 
     __slots__ = ("_cols", "_runs", "num_steps")
 
     def __init__(self) -> None:
         self._cols: tuple[list, ...] = tuple([] for _ in COLUMNS)
-        self._runs: list[tuple[int, int, int, int, int]] = []
+        self._runs: list[int] = []
         self.num_steps = 0
 
     def append(self, start_s, duration_s, num_prefill_tokens, prefill_context, num_decodes,
@@ -54,7 +55,7 @@ class StepLog:
         c[1].extend(durations)
         c[7].extend(kv_blocks_used)
         m = len(starts)
-        self._runs.append((self.num_steps, m, num_decodes, first_context_sum, num_waiting))
+        self._runs.extend((self.num_steps, m, num_decodes, first_context_sum, num_waiting))
         self.num_steps += m
 
     def _arrays(self) -> list[np.ndarray]:
