@@ -56,22 +56,27 @@ def request_table(requests: Sequence[Request], step_end_times: Sequence[np.ndarr
     gaps = (df["num_output_tokens_done"] - 1).where(df["num_output_tokens_done"] > 1)
     df["tpot_s"] = (df["finish_s"] - df["first_token_s"]) / gaps
     token_steps = [r.token_steps for r in requests]
-    df["tbt_max_s"] = _max_gap(_segments(token_steps, df["replica"].to_numpy()), n, step_end_times)
-    # numpy arrays rather than the lists: the cyclic collector does not track them, so the run
-    # leaves no object per request for it to visit later (measured: cheaper than that visit)
-    df["token_steps"] = [np.asarray(t, dtype=np.int32) for t in token_steps]
+    lens = np.fromiter(map(len, token_steps), dtype=np.int64, count=n)
+    flat = np.fromiter(chain.from_iterable(token_steps), dtype=np.int64, count=int(lens.sum()))
+    df["tbt_max_s"] = _max_gap(_runs_of(flat, lens // 2, df["replica"].to_numpy()), n, step_end_times)
+    # numpy arrays (views of one buffer) rather than the lists: the cyclic collector does not
+    # track them, so the run leaves no object per request for it to visit later
+    ends = np.cumsum(lens).tolist()
+    flat32 = flat.astype(np.int32)
+    df["token_steps"] = [flat32[a:b] for a, b in zip([0] + ends[:-1], ends)]
     return df
 
 
 def _segments(token_steps: Sequence, replicas: np.ndarray):
     """Flatten per-request runs into arrays (request index, replica, first step, last step)."""
-    lens = np.fromiter(map(len, token_steps), dtype=np.int64, count=len(token_steps)) // 2
-    total = int(lens.sum())
-    if total == 0:
-        e = np.empty(0, dtype=np.int64)
-        return e, e, e, e
-    flat = np.fromiter(chain.from_iterable(token_steps), dtype=np.int64, count=2 * total)
-    idx = np.repeat(np.arange(len(token_steps)), lens)
+    lens = np.fromiter(map(len, token_steps), dtype=np.int64, count=len(token_steps))
+    flat = np.fromiter(chain.from_iterable(token_steps), dtype=np.int64, count=int(lens.sum()))
+    return _runs_of(flat, lens // 2, replicas)
+
+
+def _runs_of(flat: np.ndarray, runs_per_request: np.ndarray, replicas: np.ndarray):
+    """(request index, replica, first step, last step) of every run in `flat` = [a1, b1, a2, ...]."""
+    idx = np.repeat(np.arange(len(runs_per_request)), runs_per_request)
     return idx, replicas[idx], flat[0::2], flat[1::2]
 
 
