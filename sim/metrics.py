@@ -56,8 +56,7 @@ def request_table(requests: Sequence[Request], step_end_times: Sequence[np.ndarr
     gaps = (df["num_output_tokens_done"] - 1).where(df["num_output_tokens_done"] > 1)
     df["tpot_s"] = (df["finish_s"] - df["first_token_s"]) / gaps
     token_steps = [r.token_steps for r in requests]
-    lens = np.fromiter(map(len, token_steps), dtype=np.int64, count=n)
-    flat = np.fromiter(chain.from_iterable(token_steps), dtype=np.int64, count=int(lens.sum()))
+    lens, flat = _flatten(token_steps)
     df["tbt_max_s"] = _max_gap(_runs_of(flat, lens // 2, df["replica"].to_numpy()), n, step_end_times)
     # numpy arrays (views of one buffer) rather than the lists: the cyclic collector does not
     # track them, so the run leaves no object per request for it to visit later
@@ -69,9 +68,14 @@ def request_table(requests: Sequence[Request], step_end_times: Sequence[np.ndarr
 
 def _segments(token_steps: Sequence, replicas: np.ndarray):
     """Flatten per-request runs into arrays (request index, replica, first step, last step)."""
-    lens = np.fromiter(map(len, token_steps), dtype=np.int64, count=len(token_steps))
-    flat = np.fromiter(chain.from_iterable(token_steps), dtype=np.int64, count=int(lens.sum()))
+    lens, flat = _flatten(token_steps)
     return _runs_of(flat, lens // 2, replicas)
+
+
+def _flatten(token_steps: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """Each request's number of run bounds, and all bounds concatenated."""
+    lens = np.fromiter(map(len, token_steps), dtype=np.int64, count=len(token_steps))
+    return lens, np.fromiter(chain.from_iterable(token_steps), dtype=np.int64, count=int(lens.sum()))
 
 
 def _runs_of(flat: np.ndarray, runs_per_request: np.ndarray, replicas: np.ndarray):
