@@ -206,9 +206,7 @@ class Replica:
                 num_waiting = len(waiting)
                 yield env.timeout(dur)
                 log_step(start, dur, 0, 0, n, decode_ctx, n, kv_used, num_waiting)
-                self._outstanding_tokens -= n
-                group.advance(1)
-                self._retire(env.now, False)
+                self._advance_group(1, env.now)
                 continue
             self._stable_ok = False
             start = ctx.now = env.now
@@ -228,8 +226,7 @@ class Replica:
                 self._stable_ok = True
                 yield from self._fast_forward()
                 continue
-            num_prefill, prefill_ctx, num_decodes, decode_ctx, batch = plan.shape(
-                group.ctx_sum() if plan.num_group_decodes else 0)
+            num_prefill, prefill_ctx, num_decodes, decode_ctx, batch = ctx.plan_shape(plan)
             dur = step_time_s(num_prefill, prefill_ctx, num_decodes, decode_ctx, batch)
             kv_used = kv.num_used_blocks
             num_waiting = len(waiting)
@@ -453,9 +450,13 @@ class Replica:
             kv_used.append(used)
         self.steps.extend_decodes([t0] + ends[:m - 1], durs[:m], n, ctx0, kv_used, num_waiting)
         self.kv.num_used_blocks = used
-        self._outstanding_tokens -= n * m
-        g.advance(m)
-        self._retire(ends[m - 1], False)
+        self._advance_group(m, ends[m - 1])
+
+    def _advance_group(self, m: int, end_s: float) -> None:
+        """The decode group alone computed `m` steps ending at `end_s`: advance it, retire who finished."""
+        self._outstanding_tokens -= len(self.group.members) * m
+        self.group.advance(m)
+        self._retire(end_s, False)
 
     def flush(self, horizon_s: float) -> None:
         """At the end of a run: apply fast-forwarded steps that ended by the horizon, and
