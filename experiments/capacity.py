@@ -40,9 +40,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.run import build_replicas, explain_config_error, json_default
+from experiments.run import explain_config_error, json_default
+from experiments.wiring import simulate_config
 from policies.siloed import splits as replica_splits
-from sim.cluster import simulate
 from sim.errors import InputError
 from sim.paths import project_path
 from sim.qos import QoS, RULES, rates_from_violations, violations
@@ -239,25 +239,6 @@ def search_capacity(violation_at: Callable[[float], float], s: CapacitySettings,
 # ---------------------------------------------------------------- one configuration at one rate
 
 
-def build_cluster(cfg: DictConfig) -> list:
-    """`experiments.run.build_replicas`, plus a `policy` per pool (siloed deployments): each
-    pool with its own `policy` node is built with that policy."""
-    pools = cfg.cluster.get("pools") or []
-    if not any(p.get("policy") is not None for p in pools):
-        return build_replicas(cfg)
-    specs = []
-    for i, pool in enumerate(pools):
-        sub = cfg.copy()
-        OmegaConf.set_struct(sub, False)
-        node = OmegaConf.to_container(pool, resolve=True)
-        policy = node.pop("policy", None)
-        OmegaConf.update(sub, "cluster.pools", [node], merge=False)
-        if policy is not None:
-            OmegaConf.update(sub, "policy", policy, merge=False)
-        specs.extend(build_replicas(sub))
-    return specs
-
-
 def _workload_cfg(cfg: DictConfig, qps: float, seed: int, qos: QoS, rate_key: str) -> DictConfig:
     wl = cfg.workload.copy()
     OmegaConf.set_struct(wl, False)
@@ -277,8 +258,7 @@ def evaluate(cfg: DictConfig, qps: float, settings: CapacitySettings, qos: QoS) 
     t0 = time.perf_counter()
     for seed in settings.seeds:
         workload = instantiate(_workload_cfg(cfg, qps, seed, qos, settings.rate_key))
-        res = simulate(workload.requests, build_cluster(cfg), instantiate(cfg.router),
-                       horizon_s=cfg.sim.horizon_s, fast_forward=cfg.sim.fast_forward, check_plans=cfg.sim.check_plans)
+        res = simulate_config(cfg, workload.requests, progress=False)
         req = res.requests
         frames.append(violations(req, qos, res.steps if needs_steps else None))
         last_arrival = float(req["arrival_s"].max()) if len(req) else 0.0
@@ -401,7 +381,8 @@ def run_capacity(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     and the request tables at capacity into `out_dir`. Returns the capacity.json content."""
     settings = CapacitySettings.from_config(cfg.capacity)
     variants = variant_configs(cfg)
-    containers = {label: OmegaConf.to_container(v, resolve=True) for label, v in variants.items()}
+    # unresolved: each pool resolves its cost model for its own model, hardware and tp (experiments.wiring)
+    containers = {label: OmegaConf.to_container(v, resolve=False) for label, v in variants.items()}
     log.info("capacity search: %d variant(s) %s, rule=%s, threshold=%.3g, seeds=%s",
              len(containers), list(containers), settings.rule, settings.max_violation, list(settings.seeds))
     t0 = time.perf_counter()

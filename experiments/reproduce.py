@@ -33,9 +33,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.capacity import build_cluster, run_capacity, variant_configs
+from experiments.capacity import run_capacity, variant_configs
+from experiments.wiring import simulate_config
 from experiments.run import explain_config_error
-from sim.cluster import simulate
 from sim.errors import InputError
 from sim.paths import PROJECT_ROOT
 from sim.qos import QoS, rates_from_violations, violation_timeseries, violations
@@ -84,8 +84,7 @@ def run_surge(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
         t0 = time.perf_counter()
         qos = QoS.from_config(vcfg.slo)
         workload = instantiate(vcfg.workload)
-        res = simulate(workload.requests, build_cluster(vcfg), instantiate(vcfg.router),
-                       horizon_s=vcfg.sim.horizon_s, fast_forward=vcfg.sim.fast_forward)
+        res = simulate_config(vcfg, workload.requests, progress=False)
         v = violations(res.requests, qos)
         rates = rates_from_violations(v, qos)
         ts = violation_timeseries(res.requests, qos, window_s=window_s, step_s=step_s).assign(variant=label)

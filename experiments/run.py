@@ -25,14 +25,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from sim.cluster import ReplicaSpec, SimResult, simulate
+from experiments.wiring import replica_specs, simulate_config
+from sim.cluster import SimResult
 from sim.errors import InputError
 from sim.metrics import summarize
-from sim.scheduling import EngineLimits
 
 log = logging.getLogger(__name__)
-
-_ENGINE_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_chunked_prefill")
 
 
 @dataclass
@@ -45,48 +43,12 @@ class RunOutput:
     out_dir: Path | None
 
 
-def build_replicas(cfg: DictConfig) -> list[ReplicaSpec]:
-    """ReplicaSpecs from `cfg.cluster` (homogeneous `num_replicas`, or `pools`)."""
-    cl = OmegaConf.to_container(cfg.cluster, resolve=True)
-    policy_factory = instantiate(cfg.policy)
-    if not callable(policy_factory):
-        raise InputError("policy config must build a factory (set `_partial_: true`)", field="policy")
-    base = {k: v for k, v in cl.items() if k not in ("pools", "num_replicas")}
-    pools = cl.get("pools") or [{"name": "", "count": cl.get("num_replicas")}]
-    specs: list[ReplicaSpec] = []
-    for p_i, pool_cfg in enumerate(pools):
-        pool = {**base, **pool_cfg}
-        count = pool.get("count")
-        if count is None or int(count) < 1:
-            raise InputError("every pool needs count >= 1", field=f"cluster.pools[{p_i}].count", value=count)
-        cost_model = instantiate(pool["costmodel"]) if pool.get("costmodel") else instantiate(cfg.costmodel)
-        pool_policy = instantiate(pool["policy"]) if pool.get("policy") else policy_factory
-        limits = EngineLimits(**{k: pool[k] for k in _ENGINE_FIELDS})
-        hardware = pool.get("hardware") or cfg.hardware.get("name", "")
-        for _ in range(int(count)):
-            i = len(specs)
-            specs.append(ReplicaSpec(
-                cost_model=cost_model, policy_factory=pool_policy, limits=limits,
-                num_kv_blocks=pool.get("num_kv_blocks"), block_size=int(pool["block_size"]),
-                name=f"{pool.get('name') or 'replica'}{i}", model=pool.get("model_name") or "",
-                hardware=str(hardware), tp=int(pool.get("tp") or 1),
-            ))
-    if not specs:
-        raise InputError("the cluster has no replicas", field="cluster.num_replicas", value=cl.get("num_replicas"))
-    return specs
-
-
 def run(cfg: DictConfig, out_dir: str | Path | None = None) -> RunOutput:
     """Simulate the configured cluster on the configured workload; write outputs to `out_dir`."""
     t0 = time.perf_counter()
     workload = instantiate(cfg.workload)
-    replicas = build_replicas(cfg)
-    router = instantiate(cfg.router)
-    result = simulate(
-        workload.requests, replicas, router,
-        horizon_s=cfg.sim.horizon_s, fast_forward=cfg.sim.fast_forward,
-        check_plans=cfg.sim.check_plans, progress=cfg.sim.progress,
-    )
+    replicas = replica_specs(cfg)
+    result = simulate_config(cfg, workload.requests, replicas=replicas)
     slos = OmegaConf.to_container(cfg.slo.classes, resolve=True) if cfg.get("slo") else None
     summary = summarize(result.requests, result.steps, slos)
     summary["workload"] = {"source": workload.source, "num_filtered": dict(workload.num_filtered)}

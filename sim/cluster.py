@@ -44,11 +44,15 @@ class ReplicaSpec:
     name: str = ""
     """Label in tables and plots (default `replica<i>`)."""
     model: str = ""
-    """Model served; requests naming another model never come here. '' serves any."""
+    """Model name requests are routed by: requests naming another model never come here. ''
+    serves any (a homogeneous cluster serves whatever model a trace names)."""
+    model_spec_name: str = ""
+    """The model architecture the replica loads and its cost model prices (a `conf/model`
+    name, e.g. 'llama3-8b'); reported in the replica table."""
     hardware: str = ""
-    """Hardware label (e.g. 'a100-80gb')."""
+    """Hardware name (e.g. 'a100-80gb'); the cost model was built for it (experiments.wiring checks)."""
     tp: int = 1
-    """Tensor-parallel degree (informational; the cost model already reflects it)."""
+    """Tensor-parallel degree; the cost model was built for it (experiments.wiring checks)."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -200,7 +204,8 @@ def simulate(
     rep_df = pd.DataFrame({
         "replica": [r.replica_id for r in reps],
         "name": [r.name for r in reps],
-        "model": [r.model for r in reps],
+        "model": [s.model_spec_name or s.model for s in replicas],
+        "routes_model": [r.model for r in reps],
         "hardware": [s.hardware for s in replicas],
         "tp": [s.tp for s in replicas],
         "cost_model": [getattr(s.cost_model, "name", type(s.cost_model).__name__) for s in replicas],

@@ -11,7 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from experiments.run import build_replicas, run
+from experiments.run import run
+from experiments.wiring import replica_specs as build_replicas
 from sim.errors import InputError
 from sim.paths import PROJECT_ROOT
 
@@ -104,7 +105,7 @@ def test_demo_experiment_runs_and_collects_a_sweep_table(tmp_path):
 @pytest.mark.parametrize("override,expected", [
     ("cluster.max_num_seqs=0", "max_num_seqs"),
     ("cluster.block_size=0", "block_size"),
-    ("cluster.num_replicas=0", "count"),
+    ("cluster.num_replicas=0", "cluster.num_replicas"),
     ("workload.arrival.rate_qps=-1", "rate_qps"),
     ("sim.horizon_s=-5", "horizon_s"),
     ("workload=trace workload.path=/nonexistent/trace.csv", "/nonexistent/trace.csv"),
