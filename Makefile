@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BASE   := $(VENV)/.installed-base
 FULL   := $(VENV)/.installed-full
 
-.PHONY: demo test bench reproduce validate clean
+.PHONY: demo test bench bench-instructions reproduce validate clean
 
 # The simulator and its apps (no torch, no vLLM).
 $(BASE): pyproject.toml
@@ -30,6 +30,11 @@ test: $(FULL)
 
 bench: $(BASE)
 	$(PY) -m experiments.bench
+
+# Instructions of a fixed 20,000-request run under callgrind vs benchmarks/instructions.json
+# (repeatable on a noisy machine; ~1 min). Record a new baseline: python -m experiments.bench --instructions --update-baseline
+bench-instructions: $(BASE)
+	$(PY) -m experiments.bench --instructions
 
 # Niyama's published claims in simulation (capacity, shared vs siloed, surge); docs/reproduction.md
 reproduce: $(BASE)
