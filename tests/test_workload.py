@@ -168,6 +168,47 @@ def test_qos_shares_are_drawn_in_proportion_and_normalised():
     pd.testing.assert_frame_equal(df, unnormalised)
 
 
+CONV_LENGTHS = dict(  # the Azure conv fits of conf/workload/chat.yaml: P(prompt + output > 8192) = 0.84%
+    prompt_tokens={"kind": "lognormal", "median": 760, "sigma": 0.985, "max": 14050},
+    output_tokens={"kind": "lognormal", "median": 151, "sigma": 0.859, "max": 1000},
+)
+
+
+def test_lengths_over_the_context_are_redrawn_and_counted():
+    free = make(num_requests=5000, qos_shares={"a": 1, "b": 1}, **CONV_LENGTHS).requests
+    over = (free["num_prompt_tokens"] + free["num_output_tokens"] > 8192).to_numpy()
+    fitted = make(num_requests=5000, qos_shares={"a": 1, "b": 1}, max_total_tokens=8192, **CONV_LENGTHS)
+    df = fitted.requests
+    assert over.sum() > 0
+    assert fitted.num_adjusted == {"redrawn_over_max_total_tokens": int(over.sum())}
+    assert fitted.summary()["num_adjusted"] == fitted.num_adjusted
+    assert (df["num_prompt_tokens"] + df["num_output_tokens"] <= 8192).all()
+    pd.testing.assert_frame_equal(df[~over], free[~over])  # requests that fitted keep their draws
+    assert df["arrival_s"].equals(free["arrival_s"]) and df["qos_class"].equals(free["qos_class"])
+    again = make(num_requests=5000, qos_shares={"a": 1, "b": 1}, max_total_tokens=8192, **CONV_LENGTHS).requests
+    pd.testing.assert_frame_equal(df, again)  # redraws are seeded too
+
+
+def test_lengths_over_the_context_can_be_truncated_instead():
+    free = make(num_requests=5000, **CONV_LENGTHS).requests
+    cut = make(num_requests=5000, max_total_tokens=8192, too_long="truncate", **CONV_LENGTHS)
+    prompt = np.minimum(free["num_prompt_tokens"], 8192 - 1)  # room for the smallest output (1 token)
+    output = np.minimum(free["num_output_tokens"], 8192 - prompt)
+    assert cut.requests["num_prompt_tokens"].tolist() == prompt.tolist()
+    assert cut.requests["num_output_tokens"].tolist() == output.tolist()
+    num_over = int((free["num_prompt_tokens"] + free["num_output_tokens"] > 8192).sum())
+    assert num_over > 0 and cut.num_adjusted == {"truncated_over_max_total_tokens": num_over}
+
+
+def test_lengths_that_cannot_fit_the_context_are_errors():
+    at_least = {"kind": "lognormal", "median": 6000, "sigma": 0.5, "min": 5000}
+    with pytest.raises(InputError, match=r"max_total_tokens.*8192.*5000 \+ 5000"):
+        make(prompt_tokens=at_least, output_tokens=at_least, max_total_tokens=8192)
+    with pytest.raises(InputError, match="still longer after 100 redraws"):  # constants never change
+        make(prompt_tokens={"kind": "constant", "value": 8}, max_total_tokens=12)
+    assert make(prompt_tokens={"kind": "constant", "value": 8}, max_total_tokens=16).num_adjusted == {}
+
+
 def test_changing_one_stream_leaves_the_others_alone():
     base = make(num_requests=1000, prompt_tokens={"kind": "lognormal", "median": 100, "sigma": 1.0}).requests
     other = make(
@@ -204,6 +245,8 @@ def test_changing_one_stream_leaves_the_others_alone():
         ({"qos_shares": {}}, "qos_shares", "{}"),
         ({"qos_shares": {"a": 1, "b": -0.5}}, "qos_shares.b", "-0.5"),
         ({"seed": -1}, "seed", "-1"),
+        ({"max_total_tokens": 1}, "max_total_tokens", "1"),
+        ({"too_long": "clip"}, "too_long", "clip"),
     ],
 )
 def test_bad_synthetic_arguments_name_the_field_and_value(overrides, field, value):
@@ -280,6 +323,36 @@ def test_non_iso_timestamps_fall_back_to_per_value_parsing(tmp_path):
     assert df["arrival_s"].to_numpy() == pytest.approx([0.0, 0.52004, 1.02004], abs=1e-9)
 
 
+ZERO_ROWS = {  # one servable request at t = 2 s after rows of 0 output, 0 prompt and 0/0 tokens
+    "azure.csv": "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:00.0,5,0\n2023-11-16 18:00:01.0,0,7\n"
+                 "2023-11-16 18:00:01.5,0,0\n2023-11-16 18:00:02.0,40,9\n",
+    "burst.csv": "Timestamp,Model,Request tokens,Response tokens\n10,m,5,0\n11,m,0,7\n11.5,m,0,0\n12,m,40,9\n",
+    "mooncake.jsonl": '{"timestamp": 5000, "input_length": 5, "output_length": 0}\n'
+                      '{"timestamp": 6000, "input_length": 0, "output_length": 7}\n'
+                      '{"timestamp": 6500, "input_length": 0, "output_length": 0}\n'
+                      '{"timestamp": 7000, "input_length": 40, "output_length": 9}\n',
+    "plain.csv": "arrival_s,num_prompt_tokens,num_output_tokens\n0,5,0\n1,0,7\n1.5,0,0\n2,40,9\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZERO_ROWS))
+def test_every_format_leaves_out_and_counts_zero_token_rows(tmp_path, name):
+    path = write(tmp_path, name, ZERO_ROWS[name])
+    workload = from_trace(str(path))
+    df = workload.requests
+    assert df[["num_prompt_tokens", "num_output_tokens"]].values.tolist() == [[40, 9]]
+    assert df["arrival_s"].tolist() == [2.0]  # the clock still starts at the file's first row
+    assert workload.num_filtered == {"zero_output_tokens": 2, "zero_prompt_tokens": 1}
+    assert workload.summary()["num_filtered"] == workload.num_filtered
+    assert workload.source_lines.tolist() == [5 if name != "mooncake.jsonl" else 4]  # the header is line 1
+
+
+def test_a_trace_of_zero_token_rows_only_is_an_error(tmp_path):
+    path = write(tmp_path, "zeros.csv", CSV_HEADER + "0,5,0\n1,0,3\n")
+    with pytest.raises(InputError, match="no servable request.*zero_output_tokens.*zero_prompt_tokens"):
+        from_trace(str(path))
+
+
 def test_burstgpt_drops_and_counts_failed_requests(tmp_path):
     path = write(
         tmp_path,
@@ -331,6 +404,21 @@ def test_plain_csv_keeps_times_models_and_classes(tmp_path):
     assert df["model"].tolist() == ["llama", "mistral", "llama"]
     assert df["qos_class"].tolist() == ["interactive", "tier2", "batch"]
     assert from_trace(str(path)).requests["qos_class"].tolist() == ["interactive", "default", "batch"]
+
+
+def test_a_class_without_objectives_is_an_error_naming_file_line_and_the_known_classes(tmp_path):
+    path = write(tmp_path, "classes.csv", "arrival_s,num_prompt_tokens,num_output_tokens,qos_class\n"
+                 "0,5,0,gold\n0.5,10,3,interactive\n1,10,3,gold\n2,10,3,gold\n")
+    workload = from_trace(str(path))  # line 2 is left out (0 output tokens): line 4 is the first 'gold' kept
+    workload.check_qos_classes({"interactive", "gold"})
+    workload.check_qos_classes(set())  # no classes: nothing to account, nothing to check
+    with pytest.raises(InputError) as caught:
+        workload.check_qos_classes({"interactive", "batch"})
+    error = caught.value
+    assert (error.path, error.line, error.field, error.value) == (str(path), 4, "qos_class", "gold")
+    assert "2 request(s)" in str(error) and "['batch', 'interactive']" in str(error)
+    with pytest.raises(InputError, match=r"qos_shares.*'a'.*known classes: \['tier0'\]"):
+        make(qos_shares={"a": 1}).check_qos_classes({"tier0"})
 
 
 @pytest.fixture
@@ -391,8 +479,8 @@ CSV_HEADER = "arrival_s,num_prompt_tokens,num_output_tokens\n"
     [
         ("missing_column.csv", "TIMESTAMP,ContextTokens\n2023-11-16 18:17:03,5\n", 1, "GeneratedTokens", ["missing column", "TIMESTAMP"]),
         ("not_a_number.csv", AZURE_HEADER + A1 + "2023-11-16 18:17:04.0319600,abc,8\n" + A3, 3, "ContextTokens", ["not a number", "abc"]),
-        ("zero_prompt.csv", AZURE_HEADER + A1 + A2 + "2023-11-16 18:17:05.0000000,0,8\n", 4, "ContextTokens", [">= 1", "'0'"]),
-        ("negative_output.csv", AZURE_HEADER + A1 + A2 + "2023-11-16 18:17:05.0000000,31,-8\n", 4, "GeneratedTokens", [">= 1", "-8"]),
+        ("negative_prompt.csv", AZURE_HEADER + A1 + A2 + "2023-11-16 18:17:05.0000000,-1,8\n", 4, "ContextTokens", [">= 0", "'-1'"]),
+        ("negative_output.csv", AZURE_HEADER + A1 + A2 + "2023-11-16 18:17:05.0000000,31,-8\n", 4, "GeneratedTokens", [">= 0", "-8"]),
         ("fraction.csv", AZURE_HEADER + A1 + "2023-11-16 18:17:04.0319600,31.5,8\n", 3, "ContextTokens", ["whole number", "31.5"]),
         ("empty_value.csv", AZURE_HEADER + A1 + "2023-11-16 18:17:04.0319600,,8\n", 3, "ContextTokens", ["missing value"]),
         ("bad_time.csv", AZURE_HEADER + A1 + "yesterday,31,8\n" + A3, 3, "TIMESTAMP", ["cannot parse", "yesterday"]),
@@ -402,7 +490,7 @@ CSV_HEADER = "arrival_s,num_prompt_tokens,num_output_tokens\n"
         ("earliest2.csv", AZURE_HEADER + A1 + "2023-11-16 18:17:04.0319600,zz,8\n" + "bad,31,8\n", 3, "ContextTokens", ["zz"]),
         ("too_many_fields.csv", AZURE_HEADER + A1 + A2 + "2023-11-16 18:17:05.0000000,31,8,9\n", 4, None, ["malformed CSV row"]),
         ("burst_time.csv", BURST_HEADER + "5,ChatGPT,472,18,490,x\nsoon,ChatGPT,472,18,490,x\n", 3, "Timestamp", ["not a number", "soon"]),
-        ("burst_prompt.csv", BURST_HEADER + "5,ChatGPT,472,18,490,x\n6,ChatGPT,0,18,18,x\n", 3, "Request tokens", [">= 1", "'0'"]),
+        ("burst_prompt.csv", BURST_HEADER + "5,ChatGPT,472,18,490,x\n6,ChatGPT,-2,18,18,x\n", 3, "Request tokens", [">= 0", "'-2'"]),
         ("burst_negative.csv", BURST_HEADER + "5,ChatGPT,472,-3,490,x\n", 2, "Response tokens", [">= 0", "-3"]),
         ("csv_backwards.csv", CSV_HEADER + "1.0,5,5\n0.5,5,5\n", 3, "arrival_s", ["backwards", "'0.5'", "'1.0'", "line 2"]),
         ("csv_negative_time.csv", CSV_HEADER + "-1.0,5,5\n", 2, "arrival_s", [">= 0", "-1.0"]),
@@ -410,7 +498,7 @@ CSV_HEADER = "arrival_s,num_prompt_tokens,num_output_tokens\n"
         ("list.jsonl", '{"timestamp": 1, "input_length": 5, "output_length": 5}\n[1, 2]\n', 2, None, ["not a JSON object"]),
         ("no_key.jsonl", '{"timestamp": 1, "input_length": 5}\n{"timestamp": 2, "input_length": 5}\n', 1, "output_length", ["missing key"]),
         ("one_key.jsonl", '{"timestamp": 1, "input_length": 5, "output_length": 5}\n{"timestamp": 2, "input_length": 5}\n', 2, "output_length", ["missing value"]),
-        ("zero.jsonl", '{"timestamp": 1, "input_length": 5, "output_length": 5}\n{"timestamp": 2, "input_length": 5, "output_length": 0}\n', 2, "output_length", [">= 1"]),
+        ("negative.jsonl", '{"timestamp": 1, "input_length": 5, "output_length": 5}\n{"timestamp": 2, "input_length": 5, "output_length": -1}\n', 2, "output_length", [">= 0"]),
         ("back.jsonl", '{"timestamp": 9, "input_length": 5, "output_length": 5}\n{"timestamp": 2, "input_length": 5, "output_length": 3}\n', 2, "timestamp", ["backwards", "= 2:", "after 9 on line 1"]),
         ("header_only.csv", AZURE_HEADER, 1, None, ["no data rows"]),
         ("empty.csv", "", 1, None, ["empty"]),
@@ -485,10 +573,19 @@ def test_expected_configs_exist():
     assert {"chat", "azure_conv_synthetic", "azure_code_synthetic", "azure_conv", "azure_code", "surge", "trace"} <= names
 
 
+def composed(name: str, *overrides: str):
+    """conf/workload/<name>.yaml as the run app composes it (seed and context from the top level)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"workload={name}", *overrides]).workload
+
+
 @pytest.mark.parametrize("path", _configs(), ids=lambda p: p.stem)
 def test_every_config_composes(path, tmp_path):
     assert path.read_text().startswith("#"), "each config opens with a comment saying what it is"
-    cfg = OmegaConf.load(path)
+    assert OmegaConf.to_container(OmegaConf.load(path))["seed"] == "${seed}", "the top-level seed feeds every workload"
+    cfg = composed(path.stem)
     assert cfg._target_ in ("sim.workload.synthetic", "sim.workload.from_trace")
     if cfg._target_ == "sim.workload.from_trace":
         if OmegaConf.is_missing(cfg, "path"):
@@ -505,8 +602,25 @@ def test_every_config_composes(path, tmp_path):
     assert workload.num_requests > 0 and tuple(workload.requests.columns) == COLUMNS
 
 
+def test_the_top_level_seed_feeds_the_workload():
+    draws = {seed: instantiate(composed("chat", f"seed={seed}", "workload.num_requests=300")).requests
+             for seed in (0, 1)}
+    again = instantiate(composed("chat", "seed=1", "workload.num_requests=300")).requests
+    pd.testing.assert_frame_equal(draws[1], again)
+    for column in ("arrival_s", "num_prompt_tokens", "num_output_tokens", "qos_class"):
+        assert not draws[0][column].equals(draws[1][column]), column
+
+
+def test_synthetic_configs_fit_the_models_context():
+    cfg = composed("chat", "workload.num_requests=5000")
+    assert cfg.max_total_tokens == 8192  # cluster.max_model_len = Llama-3-8B's context
+    df = instantiate(cfg).requests
+    assert (df["num_prompt_tokens"] + df["num_output_tokens"] <= 8192).all()
+    assert composed("chat", "model=llama3-70b", "cluster.max_model_len=4096").max_total_tokens == 4096
+
+
 def test_surge_config_alternates_rates():
-    workload = instantiate(OmegaConf.load(CONF / "surge.yaml"))
+    workload = instantiate(composed("surge"))
     arrival = workload.requests["arrival_s"].to_numpy()
     counts = np.bincount((arrival // 900).astype(int), minlength=16)
     assert len(counts) == 16

@@ -28,6 +28,10 @@ from sim.workload.traces import read_token_column
 
 ARRIVAL_KINDS = ("poisson", "gamma")
 LENGTH_KINDS = ("lognormal", "constant", "empirical")
+TOO_LONG_MODES = ("redraw", "truncate")
+"""How `synthetic` makes a request longer than `max_total_tokens` fit (see `fit_to_context`)."""
+MAX_REDRAWS = 100
+"""Redraw rounds before `fit_to_context` gives up (each round redraws only the requests still too long)."""
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,53 @@ class LengthDistribution:
         return f"empirical {self.path}:{self.column}"
 
 
+def fit_to_context(
+    prompt: np.ndarray,
+    output: np.ndarray,
+    prompt_dist: LengthDistribution,
+    output_dist: LengthDistribution,
+    prompt_rng: np.random.Generator,
+    output_rng: np.random.Generator,
+    *,
+    max_total_tokens: int,
+    too_long: str,
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Make every request's prompt + output tokens <= `max_total_tokens` (a model's context,
+    vLLM's max_model_len: a longer request is rejected by the engine).
+
+    `too_long="redraw"` draws both lengths of each request that does not fit again, from
+    their own streams, until it fits: the lengths then follow the two distributions
+    conditioned on fitting. `"truncate"` cuts the prompt to leave room for the smallest output,
+    then the output to what the context leaves (as an engine stops generating at the limit).
+    Returns the lengths and the number of requests changed, by reason. Raises InputError when
+    the smallest draws cannot fit, or when requests still do not fit after `MAX_REDRAWS` rounds.
+    """
+    over = prompt + output > max_total_tokens
+    if not over.any():
+        return prompt, output, {}
+    if prompt_dist.min_tokens + output_dist.min_tokens > max_total_tokens:
+        raise InputError(f"shorter than prompt_tokens.min + output_tokens.min "
+                         f"({prompt_dist.min_tokens} + {output_dist.min_tokens})",
+                         field="max_total_tokens", value=max_total_tokens)
+    num_over = int(over.sum())
+    if too_long == "truncate":
+        prompt = np.minimum(prompt, max_total_tokens - output_dist.min_tokens)
+        output = np.minimum(output, max_total_tokens - prompt)
+        return prompt, output, {"truncated_over_max_total_tokens": num_over}
+    prompt, output = prompt.copy(), output.copy()
+    todo = np.flatnonzero(over)
+    for _ in range(MAX_REDRAWS):
+        p, o = prompt_dist.sample(prompt_rng, len(todo)), output_dist.sample(output_rng, len(todo))
+        fits = p + o <= max_total_tokens
+        prompt[todo[fits]], output[todo[fits]] = p[fits], o[fits]
+        todo = todo[~fits]
+        if len(todo) == 0:
+            return prompt, output, {"redrawn_over_max_total_tokens": num_over}
+    raise InputError(f"{len(todo)} request(s) still longer after {MAX_REDRAWS} redraws: the length "
+                     "distributions rarely fit; lower their max or set too_long: truncate",
+                     field="max_total_tokens", value=max_total_tokens)
+
+
 def synthetic(
     *,
     num_requests: int | None = None,
@@ -247,18 +298,27 @@ def synthetic(
     qos_shares: dict[str, float] | None = None,
     seed: int = 0,
     model: str = "",
+    max_total_tokens: int | None = None,
+    too_long: str = "redraw",
 ) -> Workload:
     """A generated workload: give exactly one of `num_requests` and `duration_s`.
 
     A schedule without repeat sets the duration itself (give neither). Arrivals, prompt
     lengths, output lengths and QoS classes use independent streams spawned from
     `numpy.random.default_rng(seed)`, so changing one leaves the others' draws unchanged.
+    `max_total_tokens` (None: no limit) caps prompt + output tokens per request, e.g. at the
+    model's max_model_len; requests drawn longer are redrawn or truncated (`too_long`, see
+    `fit_to_context`) and counted in `Workload.num_adjusted`. Bad arguments raise InputError.
     """
     process = ArrivalProcess.from_config(arrival)
     prompt = LengthDistribution.from_config(prompt_tokens, "prompt_tokens")
     output = LengthDistribution.from_config(output_tokens, "output_tokens")
     qos_probabilities(qos_shares)
     seed = whole_number(seed, "seed", minimum=0)
+    if max_total_tokens is not None:
+        max_total_tokens = whole_number(max_total_tokens, "max_total_tokens", minimum=2)
+    if too_long not in TOO_LONG_MODES:
+        raise InputError(f"use one of {list(TOO_LONG_MODES)}", field="too_long", value=too_long)
     if not isinstance(model, str):
         raise InputError("must be text", field="model", value=model)
     if process.ends:
@@ -286,12 +346,18 @@ def synthetic(
     num = len(arrival_s)
     if num == 0:
         raise InputError(f"no request arrives within {duration_s:g} s at this rate", field="duration_s", value=duration_s)
+    prompt_lengths, output_lengths = prompt.sample(prompt_rng, num), output.sample(output_rng, num)
+    num_adjusted: dict[str, int] = {}
+    if max_total_tokens is not None:
+        prompt_lengths, output_lengths, num_adjusted = fit_to_context(
+            prompt_lengths, output_lengths, prompt, output, prompt_rng, output_rng,
+            max_total_tokens=max_total_tokens, too_long=too_long)
     requests = make_requests(
         arrival_s,
-        prompt.sample(prompt_rng, num),
-        output.sample(output_rng, num),
+        prompt_lengths,
+        output_lengths,
         model,
         assign_qos_classes(num, plain(qos_shares), qos_rng),
     )
     source = f"synthetic({process.describe()}, seed={seed})"
-    return Workload(requests=requests, source=source)
+    return Workload(requests=requests, source=source, num_adjusted=num_adjusted)

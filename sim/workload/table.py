@@ -7,6 +7,7 @@ code against, so it is checked on construction.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,6 +70,13 @@ class Workload:
     """Human-readable origin, e.g. "azure:/path/trace.csv" or "synthetic(poisson, 2.0 qps, seed=0)"."""
     num_filtered: dict[str, int] = field(default_factory=dict)
     """Rows of the source left out, by reason (e.g. {"after_window": 3}); empty if none."""
+    num_adjusted: dict[str, int] = field(default_factory=dict)
+    """Requests kept but changed, by reason (e.g. {"redrawn_over_max_total_tokens": 21}: lengths
+    drawn again to fit the model's context); empty if none."""
+    source_path: str | None = None
+    """The file the requests were read from (None for generated ones)."""
+    source_lines: np.ndarray | None = None
+    """1-based line of `source_path` each request came from (None for generated ones)."""
 
     def __post_init__(self) -> None:
         df = self.requests
@@ -98,9 +106,32 @@ class Workload:
             values = df[name].to_numpy()
             if len(values) and values.min() < 1:
                 raise InputError("must be >= 1", field=name, value=int(values.min()))
-        for reason, count in self.num_filtered.items():
-            if not isinstance(reason, str) or int(count) != count or count < 0:
-                raise InputError("must map reason -> non-negative count", field="num_filtered", value=(reason, count))
+        for name in ("num_filtered", "num_adjusted"):
+            for reason, count in getattr(self, name).items():
+                if not isinstance(reason, str) or int(count) != count or count < 0:
+                    raise InputError("must map reason -> non-negative count", field=name, value=(reason, count))
+        if self.source_lines is not None and len(self.source_lines) != len(df):
+            raise InputError("must give one line per request", field="source_lines", value=len(self.source_lines))
+
+    def check_qos_classes(self, known: Collection[str]) -> None:
+        """Raise `InputError` if a request's `qos_class` is not in `known` (the classes that have
+        objectives), naming the class, how many requests have it, the known classes and, for a
+        trace, the file and the first line with it. An empty `known` accepts every class."""
+        if not known:
+            return
+        classes = self.requests["qos_class"].to_numpy()
+        unknown = ~np.isin(classes, np.array(sorted(known), dtype=object))
+        if not unknown.any():
+            return
+        row = int(np.argmax(unknown))
+        name = str(classes[row])
+        count = int((classes == name).sum())
+        problem = (f"QoS class {name!r} ({count} request(s)) has no objectives in the slo config; known classes: "
+                   f"{sorted(known)} (add it under slo.classes, or change the workload's classes)")
+        if self.source_path is not None and self.source_lines is not None:
+            raise InputError(problem, path=self.source_path, line=int(self.source_lines[row]), field="qos_class",
+                             value=name)
+        raise InputError(problem, field="workload.qos_shares", value=name)
 
     @property
     def num_requests(self) -> int:
@@ -108,7 +139,7 @@ class Workload:
         return len(self.requests)
 
     def summary(self) -> dict:
-        """Counts, duration, mean rate, length percentiles and filtered counts (JSON-ready)."""
+        """Counts, duration, mean rate, length percentiles, filtered and adjusted counts (JSON-ready)."""
         df = self.requests
         n = len(df)
         arrival = df["arrival_s"].to_numpy()
@@ -125,6 +156,7 @@ class Workload:
             "num_requests_by_qos_class": {str(k): int(v) for k, v in df["qos_class"].value_counts(sort=False).items()},
             "num_requests_by_model": {str(k): int(v) for k, v in df["model"].value_counts(sort=False).items()},
             "num_filtered": {str(k): int(v) for k, v in self.num_filtered.items()},
+            "num_adjusted": {str(k): int(v) for k, v in self.num_adjusted.items()},
         }
 
 

@@ -3,8 +3,10 @@
 A reader parses the whole file with vectorised pandas, checks every column at once and
 reports the earliest bad row as one `InputError` naming the file, its 1-based line (the
 header is line 1), the field and the value. A trace's clock starts at its first row (plain
-CSV: at `arrival_s = 0`); `window_s`, `max_requests` and `target_qps` then cut and rescale
-it, and every row left out is counted in `Workload.num_filtered`.
+CSV: at `arrival_s = 0`). One rule for every format: a row with 0 prompt or 0 output tokens
+(a failed or empty request) is left out and counted; `window_s`, `max_requests` and
+`target_qps` then cut and rescale the rest, and every row left out is counted in
+`Workload.num_filtered`, by reason.
 """
 
 from __future__ import annotations
@@ -44,12 +46,33 @@ CSV_COLUMNS = ["arrival_s", "num_prompt_tokens", "num_output_tokens"]
 class _Rows:
     """What a reader found: requests on the trace's clock, before windowing."""
 
+    lines: np.ndarray  # 1-based file line of each row
     arrival_s: np.ndarray
     num_prompt_tokens: np.ndarray
     num_output_tokens: np.ndarray
     model: np.ndarray | str = ""
     qos_class: np.ndarray | str = ""  # "" = the trace does not say
     num_filtered: dict[str, int] = field(default_factory=dict)
+
+    def without_zero_tokens(self) -> _Rows:
+        """The rows with at least one prompt and one output token; the others are counted in
+        `num_filtered` as `zero_output_tokens` (failed or empty responses, whatever the prompt)
+        or `zero_prompt_tokens`. The clock is not re-based: it still starts at the file's first row."""
+        zero_output = self.num_output_tokens == 0
+        zero_prompt = (self.num_prompt_tokens == 0) & ~zero_output
+        keep = ~(zero_output | zero_prompt)
+        if keep.all():
+            return self
+        counts = {"zero_output_tokens": int(zero_output.sum()), "zero_prompt_tokens": int(zero_prompt.sum())}
+        return _Rows(
+            lines=self.lines[keep],
+            arrival_s=self.arrival_s[keep],
+            num_prompt_tokens=self.num_prompt_tokens[keep],
+            num_output_tokens=self.num_output_tokens[keep],
+            model=_pick(self.model, keep),
+            qos_class=_pick(self.qos_class, keep),
+            num_filtered={**self.num_filtered, **{k: v for k, v in counts.items() if v}},
+        )
 
 
 class _Problems:
@@ -202,15 +225,15 @@ def read_azure(path: Path) -> _Rows:
     table, lines, num_filtered = _read_csv(path, AZURE_COLUMNS)
     problems = _Problems(path, lines)
     arrival_s = _datetimes_s(problems, table, "TIMESTAMP")
-    prompt = _numbers(problems, table, "ContextTokens", whole=True, minimum=1)
-    output = _numbers(problems, table, "GeneratedTokens", whole=True, minimum=1)
+    prompt = _numbers(problems, table, "ContextTokens", whole=True, minimum=0)
+    output = _numbers(problems, table, "GeneratedTokens", whole=True, minimum=0)
     problems.raise_first()
     _check_non_decreasing(path, lines, arrival_s, table["TIMESTAMP"], "TIMESTAMP")
-    return _Rows(arrival_s, prompt, output, num_filtered=num_filtered)
+    return _Rows(lines, arrival_s, prompt, output, num_filtered=num_filtered)
 
 
 def read_burstgpt(path: Path) -> _Rows:
-    """BurstGPT: Timestamp (s), Model, Request tokens, Response tokens; 0 response tokens = failed, left out."""
+    """BurstGPT: Timestamp (s), Model, Request tokens, Response tokens (0 response tokens = a failed request)."""
     table, lines, num_filtered = _read_csv(path, BURSTGPT_COLUMNS)
     problems = _Problems(path, lines)
     times = _numbers(problems, table, "Timestamp", whole=False, minimum=None)
@@ -218,26 +241,7 @@ def read_burstgpt(path: Path) -> _Rows:
     output = _numbers(problems, table, "Response tokens", whole=True, minimum=0)
     problems.raise_first()
     _check_non_decreasing(path, lines, times, table["Timestamp"], "Timestamp")
-    served = output > 0
-    empty_prompt = served & (prompt < 1)
-    if empty_prompt.any():
-        row = int(np.argmax(empty_prompt))
-        raise InputError(
-            "must be >= 1 for a served request (only rows with 0 response tokens count as failed)",
-            path=path,
-            line=int(lines[row]),
-            field="Request tokens",
-            value=table["Request tokens"].iloc[row],
-        )
-    if (~served).any():
-        num_filtered["zero_output_tokens"] = int((~served).sum())
-    return _Rows(
-        arrival_s=(times - times[0])[served],
-        num_prompt_tokens=prompt[served],
-        num_output_tokens=output[served],
-        model=np.asarray(_text(table, "Model"))[served],
-        num_filtered=num_filtered,
-    )
+    return _Rows(lines, times - times[0], prompt, output, _text(table, "Model"), num_filtered=num_filtered)
 
 
 def read_mooncake(path: Path) -> _Rows:
@@ -271,12 +275,12 @@ def read_mooncake(path: Path) -> _Rows:
         )
     problems = _Problems(path, lines)
     times_ms = _numbers(problems, table, "timestamp", whole=False, minimum=None)
-    prompt = _numbers(problems, table, "input_length", whole=True, minimum=1)
-    output = _numbers(problems, table, "output_length", whole=True, minimum=1)
+    prompt = _numbers(problems, table, "input_length", whole=True, minimum=0)
+    output = _numbers(problems, table, "output_length", whole=True, minimum=0)
     problems.raise_first()
     _check_non_decreasing(path, lines, times_ms, table["timestamp"], "timestamp")
     num_filtered = {"blank_lines": len(all_lines) - len(numbered)} if len(all_lines) > len(numbered) else {}
-    return _Rows((times_ms - times_ms[0]) / 1000.0, prompt, output, num_filtered=num_filtered)
+    return _Rows(lines, (times_ms - times_ms[0]) / 1000.0, prompt, output, num_filtered=num_filtered)
 
 
 def _raise_first_bad_json(path: Path, numbered: list[tuple[int, str]], reason: str) -> None:
@@ -296,11 +300,11 @@ def read_csv(path: Path) -> _Rows:
     table, lines, num_filtered = _read_csv(path, CSV_COLUMNS)
     problems = _Problems(path, lines)
     arrival_s = _numbers(problems, table, "arrival_s", whole=False, minimum=0)
-    prompt = _numbers(problems, table, "num_prompt_tokens", whole=True, minimum=1)
-    output = _numbers(problems, table, "num_output_tokens", whole=True, minimum=1)
+    prompt = _numbers(problems, table, "num_prompt_tokens", whole=True, minimum=0)
+    output = _numbers(problems, table, "num_output_tokens", whole=True, minimum=0)
     problems.raise_first()
     _check_non_decreasing(path, lines, arrival_s, table["arrival_s"], "arrival_s")
-    return _Rows(arrival_s, prompt, output, _text(table, "model"), _text(table, "qos_class"), num_filtered)
+    return _Rows(lines, arrival_s, prompt, output, _text(table, "model"), _text(table, "qos_class"), num_filtered)
 
 
 _READERS = {"azure": read_azure, "burstgpt": read_burstgpt, "mooncake": read_mooncake, "csv": read_csv}
@@ -346,10 +350,13 @@ def from_trace(
 ) -> Workload:
     """Load a trace file as a `Workload`.
 
-    `window_s=(start, end)` keeps requests with start <= t < end on the trace's clock and
+    Rows with 0 prompt or 0 output tokens are left out first (counted as `zero_prompt_tokens`
+    / `zero_output_tokens`). `window_s=(start, end)` keeps requests with start <= t < end on the trace's clock and
     shifts `start` to 0 (`end` may be None for "to the end"); `max_requests` then keeps the
     first N; `target_qps` last stretches time so that (n - 1) / (last - first) equals it.
     `qos_shares` draws a class for rows whose trace gives none (seeded by `seed`).
+    Raises `InputError` naming the file, line, field and value for malformed input, and
+    when no request is left.
     """
     window = _window(window_s)
     target = None if target_qps is None else positive_number(target_qps, "target_qps")
@@ -360,7 +367,7 @@ def from_trace(
         raise InputError(f"unknown trace format; use one of {['auto', *FORMATS]}", field="format", value=format)
     file = project_path(path).resolve()
     kind = detect_format(file) if format == "auto" else format
-    rows = _READERS[kind](file)
+    rows = _READERS[kind](file).without_zero_tokens()
 
     num_total = len(rows.arrival_s)
     num_filtered = dict(rows.num_filtered)
@@ -377,8 +384,11 @@ def from_trace(
         num_filtered["max_requests"] = len(kept) - limit
         kept = kept[:limit]
     if len(kept) == 0:
-        span = f"{rows.arrival_s[0]:g}..{rows.arrival_s[-1]:g} s" if num_total else "no requests"
-        raise InputError(f"no requests left after filtering (the trace spans {span})", path=file, field="window_s", value=window_s)
+        if num_total == 0:
+            raise InputError(f"no servable request: every row was left out ({num_filtered})", path=file)
+        span = f"{rows.arrival_s[0]:g}..{rows.arrival_s[-1]:g} s"
+        raise InputError(f"no requests left after filtering (the trace spans {span}; left out: {num_filtered})",
+                         path=file, field="window_s", value=window_s)
     arrival_s = arrival_s[kept]
     if target is not None:
         span_s = arrival_s[-1] - arrival_s[0]
@@ -398,7 +408,8 @@ def from_trace(
     )
     options = [f"{name}={value!r}" for name, value in (("window_s", window), ("max_requests", limit), ("target_qps", target)) if value is not None]
     source = f"{kind}:{file}" + (f" [{', '.join(options)}]" if options else "")
-    return Workload(requests=requests, source=source, num_filtered=num_filtered)
+    return Workload(requests=requests, source=source, num_filtered=num_filtered, source_path=str(file),
+                    source_lines=rows.lines[kept])
 
 
 def _pick(values: np.ndarray | str, rows: np.ndarray) -> np.ndarray | str:
