@@ -3,7 +3,8 @@
 `simulate` is the one entry point: it builds the SimPy environment, one `Replica` per
 `ReplicaSpec`, an arrivals process that routes each request at its arrival time, and runs
 until every request has its outcome (finished or rejected) or the horizon passes (the rest
-are `unfinished`). It returns tables, never prints; Hydra apps and notebooks format them.
+are `unfinished`, or `not_arrived` if they arrive after it). It returns tables, never
+prints; Hydra apps and notebooks format them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from sim.costmodel import CostModel
 from sim.errors import InputError
 from sim.metrics import request_table
 from sim.replica import Replica
-from sim.request import FINISHED, REJECTED, UNFINISHED, Request
+from sim.request import FINISHED, NOT_ARRIVED, REJECTED, UNFINISHED, Request
 from sim.scheduling import BatchPolicy, EngineLimits, Router
 from sim.steplog import concat_columns
 
@@ -122,7 +123,7 @@ def simulate(
 ) -> SimResult:
     """Run `workload` (columns arrival_s, num_prompt_tokens, num_output_tokens[, model,
     qos_class, request_id]) through the cluster; every request ends finished, rejected or
-    unfinished (still in the system at `horizon_s`).
+    unfinished (still in the system at `horizon_s`) or not_arrived (arriving after it).
 
     `fast_forward` (default on) keeps steady decodes in arrays and advances stable decode
     batches in closed form once the next completion is at least `min_fast_forward_steps`
@@ -196,6 +197,8 @@ def simulate(
     end_s = env.now
     for rep in reps:
         rep.flush(end_s)
+    for req in requests[arrivals.next_k:]:  # never delivered: they arrive after the horizon
+        req.outcome = NOT_ARRIVED
     for req in requests:
         if req.outcome is None:
             req.outcome = UNFINISHED

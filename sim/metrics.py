@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from sim.request import FINISHED, OUTCOMES, Request
+from sim.request import FINISHED, NOT_ARRIVED, OUTCOMES, REJECTED, Request
 
 PERCENTILES = (50, 90, 99)
 
@@ -177,32 +177,48 @@ def _pcts(x: pd.Series | np.ndarray) -> dict[str, float]:
 
 
 def slo_attainment(requests: pd.DataFrame, slos: Mapping[str, Mapping[str, float]] | None) -> dict:
-    """Per QoS class: share of requests meeting every objective given for it
-    (`ttft_s`, `tpot_s`, `tbt_max_s`, `e2e_s`); rejected and unfinished requests miss."""
+    """Per QoS class: the share of requests meeting every objective given for it (`ttft_s`,
+    `tpot_s`, `tbt_max_s`, `e2e_s`); unfinished requests miss. Counted apart and left out of
+    `attainment`: rejected requests (the cluster can never serve them, e.g. longer than
+    max_model_len; `num_rejected`) and requests arriving after the horizon (`num_not_arrived`).
+    `attainment_counting_rejected` counts rejected requests as misses too. A class with no
+    request judged has attainment NaN."""
     out: dict[str, dict] = {}
     if not slos:
         return out
     for cls, obj in slos.items():
         sel = requests[requests["qos_class"] == cls] if cls != "*" else requests
-        if sel.empty:
-            out[cls] = {"num_requests": 0, "attainment": float("nan")}
-            continue
-        ok = (sel["outcome"] == FINISHED).to_numpy().copy()
+        outcome = sel["outcome"].to_numpy()
+        rejected, not_arrived = outcome == REJECTED, outcome == NOT_ARRIVED
+        ok = outcome == FINISHED
         for metric, limit in obj.items():
             if limit is None or metric not in ("ttft_s", "tpot_s", "tbt_max_s", "e2e_s"):
                 continue
             vals = sel[metric].to_numpy(dtype=float)
             ok &= np.nan_to_num(vals, nan=0.0) <= float(limit) if metric in ("tpot_s", "tbt_max_s") else vals <= float(limit)
-        out[cls] = {"num_requests": int(len(sel)), "attainment": float(ok.mean()),
-                    "num_violations": int((~ok).sum()), "objectives": {k: v for k, v in obj.items()}}
+        judged = ~rejected & ~not_arrived
+        num_judged, num_met = int(judged.sum()), int((ok & judged).sum())
+        num_served_or_rejected = num_judged + int(rejected.sum())
+        out[cls] = {
+            "num_requests": int(len(sel)),
+            "num_judged": num_judged,
+            "num_violations": num_judged - num_met,
+            "num_rejected": int(rejected.sum()),
+            "num_not_arrived": int(not_arrived.sum()),
+            "attainment": num_met / num_judged if num_judged else float("nan"),
+            "attainment_counting_rejected": (num_met / num_served_or_rejected if num_served_or_rejected
+                                             else float("nan")),
+            "objectives": {k: v for k, v in obj.items()},
+        }
     return out
 
 
 def summarize(requests: pd.DataFrame, steps: pd.DataFrame, slos: Mapping | None = None) -> dict:
-    """The run's headline numbers: outcomes, latency percentiles, throughput, SLO attainment."""
+    """The run's headline numbers: outcomes, latency percentiles, throughput, SLO attainment
+    (rejected requests counted apart from SLO misses). Percentiles of an empty set are NaN."""
     fin = requests[requests["outcome"] == FINISHED]
     counts = requests["outcome"].value_counts().reindex(list(OUTCOMES), fill_value=0)
-    reasons = requests.loc[requests["outcome"] == "rejected", "reject_reason"].value_counts().to_dict()
+    reasons = requests.loc[requests["outcome"] == REJECTED, "reject_reason"].value_counts().to_dict()
     if len(fin):
         t0 = float(requests["arrival_s"].min())
         makespan = float(fin["finish_s"].max()) - t0
@@ -238,9 +254,10 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame, slos: Mapping | None 
 
 
 def _violations(requests: pd.DataFrame, steps: pd.DataFrame, slos: Mapping | None) -> dict:
-    """Per-tier and overall violation rates under the tiers' own rules (see sim.qos)."""
+    """Per-tier and overall violation rates under the tiers' own rules (see sim.qos); rejected
+    requests are counted apart (`num_rejected`), not as violations."""
     if not slos:
         return {}
     from sim.qos import QoS, violation_rates
 
-    return violation_rates(requests, QoS.from_config({"classes": slos}), steps)
+    return violation_rates(requests, QoS.from_config({"classes": slos}), steps, count_rejected=False)

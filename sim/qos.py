@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from sim.errors import InputError
-from sim.request import FINISHED
+from sim.request import FINISHED, NOT_ARRIVED, REJECTED
 
 OBJECTIVES: tuple[str, ...] = ("ttft", "tpot", "e2e", "tbt")
 """Objectives a tier may count as violations: first-token deadline, mean time per output
@@ -202,8 +202,10 @@ def decode_deadline_misses(requests: pd.DataFrame, steps: pd.DataFrame, qos: QoS
 
 
 def violations(requests: pd.DataFrame, qos: QoS, steps: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per request: its tier, whether it violated its tier's objectives and why
-    (`reason`: the first objective missed, or rejected/unfinished), and whether it was relegated."""
+    """One row per request: its tier, outcome, whether it violated its tier's objectives and
+    why (`reason`: the first objective missed, or rejected/unfinished), and whether it was
+    relegated. A request that arrived after the horizon (`not_arrived`) never violates;
+    `rates_from_violations` leaves it out of every rate."""
     n = len(requests)
     outcome = requests["outcome"].astype(str).to_numpy()
     finished = outcome == FINISHED
@@ -213,7 +215,7 @@ def violations(requests: pd.DataFrame, qos: QoS, steps: pd.DataFrame | None = No
     reason = np.full(n, "", dtype=object)
     has_tier = np.array([c in qos.tiers for c in classes], dtype=bool)
     counts = has_tier & np.array([bool(qos.tiers[c].violation) if c in qos.tiers else False for c in classes])
-    not_done = counts & ~finished
+    not_done = counts & ~finished & (outcome != NOT_ARRIVED)
     violated |= not_done
     reason[not_done] = outcome[not_done]
     deadlines = first_token_deadlines_s(requests, qos)
@@ -244,6 +246,7 @@ def violations(requests: pd.DataFrame, qos: QoS, steps: pd.DataFrame | None = No
         "request_id": requests["request_id"].to_numpy(),
         "arrival_s": requests["arrival_s"].to_numpy(),
         "qos_class": classes,
+        "outcome": outcome,
         "has_tier": has_tier,
         "first_token_deadline_s": deadlines,
         "relegated": relegated,
@@ -252,35 +255,53 @@ def violations(requests: pd.DataFrame, qos: QoS, steps: pd.DataFrame | None = No
     })
 
 
-def violation_rates(requests: pd.DataFrame, qos: QoS, steps: pd.DataFrame | None = None) -> dict:
+def violation_rates(requests: pd.DataFrame, qos: QoS, steps: pd.DataFrame | None = None, *,
+                    count_rejected: bool = True) -> dict:
     """Per-tier and overall violation rates (JSON-ready). `overall` pools every request of a
     tier; `max_tier` is the worst tier's rate. Requests whose class has no tier are counted
-    under `num_without_tier` and never violate. Relegated requests are counted per tier."""
-    return rates_from_violations(violations(requests, qos, steps), qos)
+    under `num_without_tier` and never violate. Relegated requests are counted per tier.
+    See `rates_from_violations` for rejected and not-arrived requests."""
+    return rates_from_violations(violations(requests, qos, steps), qos, count_rejected=count_rejected)
 
 
-def rates_from_violations(v: pd.DataFrame, qos: QoS) -> dict:
-    """`violation_rates` from a `violations` table (e.g. several runs' tables concatenated)."""
+def rates_from_violations(v: pd.DataFrame, qos: QoS, *, count_rejected: bool = True) -> dict:
+    """`violation_rates` from a `violations` table (e.g. several runs' tables concatenated).
+
+    Requests that arrived after the horizon (`not_arrived`) are left out of every rate and
+    counted in `num_not_arrived`. Rejected requests (the cluster can never serve them, e.g.
+    longer than max_model_len) are counted in `num_rejected` and, with `count_rejected`
+    (default), also as violations; without it they are left out of the rates too."""
+    outcome = v["outcome"].to_numpy() if "outcome" in v else np.full(len(v), "", dtype=object)
+    rejected = outcome == REJECTED
+    left_out = (outcome == NOT_ARRIVED) | (rejected & (not count_rejected))
+    judged = v[~left_out]
     tiers = {}
     for name in qos.tiers:
-        sel = v[v["qos_class"] == name]
+        in_tier = (v["qos_class"] == name).to_numpy()
+        sel = judged[judged["qos_class"] == name]
         num = int(len(sel))
         bad = int(sel["violated"].sum())
         tiers[name] = {
             "num_requests": num,
             "num_violations": bad,
             "violation_rate": bad / num if num else float("nan"),
+            "num_rejected": int((in_tier & rejected).sum()),
+            "num_not_arrived": int((in_tier & (outcome == NOT_ARRIVED)).sum()),
             "num_relegated": int(sel["relegated"].sum()),
             "num_relegated_violations": int((sel["relegated"] & sel["violated"]).sum()),
             "reasons": {str(k): int(c) for k, c in sel.loc[sel["violated"], "reason"].value_counts().items()},
         }
-    tiered = v[v["has_tier"]]
+    tiered = judged[judged["has_tier"]]
     rates = [t["violation_rate"] for t in tiers.values() if t["num_requests"]]
     return {
         "overall": float(tiered["violated"].mean()) if len(tiered) else float("nan"),
         "max_tier": float(max(rates)) if rates else float("nan"),
+        "count_rejected": bool(count_rejected),
         "num_requests": int(len(v)),
+        "num_judged": int(len(tiered)),
         "num_violations": int(tiered["violated"].sum()),
+        "num_rejected": int(rejected.sum()),
+        "num_not_arrived": int((outcome == NOT_ARRIVED).sum()),
         "num_relegated": int(v["relegated"].sum()),
         "num_without_tier": int((~v["has_tier"]).sum()),
         "tiers": tiers,
@@ -300,7 +321,7 @@ def violation_timeseries(requests: pd.DataFrame, qos: QoS, *, window_s: float = 
     requests arriving in (t - window_s, t] that violated, overall and per tier (long format:
     columns time_s, tier ('overall' or a tier name), num_requests, violation_rate)."""
     v = violations(requests, qos, steps)
-    v = v[v["has_tier"]].sort_values("arrival_s", kind="stable")
+    v = v[v["has_tier"] & (v["outcome"] != NOT_ARRIVED)].sort_values("arrival_s", kind="stable")
     if v.empty:
         return pd.DataFrame(columns=["time_s", "tier", "num_requests", "violation_rate"])
     grid = np.arange(step_s, float(v["arrival_s"].max()) + step_s, step_s)

@@ -14,7 +14,8 @@ import math
 FINISHED = "finished"
 REJECTED = "rejected"
 UNFINISHED = "unfinished"
-OUTCOMES = (FINISHED, REJECTED, UNFINISHED)
+NOT_ARRIVED = "not_arrived"  # arrives after the simulation's horizon: never seen by the cluster
+OUTCOMES = (FINISHED, REJECTED, UNFINISHED, NOT_ARRIVED)
 
 
 class Request:

@@ -14,7 +14,7 @@ from policies.routing import RoundRobin
 from sim.cluster import ReplicaSpec, simulate
 from sim.costmodel import ConstantCostModel
 from sim.errors import InputError
-from sim.metrics import summarize
+from sim.metrics import slo_attainment, summarize
 from sim.paths import PROJECT_ROOT
 from sim.qos import QoS, Tier, decode_deadline_misses, rule_value, violation_rates, violation_timeseries, violations
 from sim.scheduling import EngineLimits
@@ -100,6 +100,46 @@ def test_each_tier_is_judged_by_its_own_objectives():
     assert rule_value(rates, "overall") == rates["overall"]
     strict = QoS(QOS.tiers, relegated_is_violation=True)
     assert violations(req, strict)["reason"].tolist()[2] == "relegated"
+
+
+def test_rejected_requests_can_be_left_out_and_not_arrived_ones_always_are():
+    nan = float("nan")
+    req = table([
+        ("t0", "finished", 5.9, 900.0, 1.0, False),   # met
+        ("t0", "not_arrived", nan, nan, nan, False),  # after the horizon: never violates, left out
+        ("t1", "finished", 1.0, 601.0, 0.1, False),   # e2e missed
+        ("t1", "rejected", nan, nan, nan, False),     # never servable
+        ("t1", "unfinished", nan, nan, nan, False),   # still running at the horizon: violated
+        ("t1", "finished", 1.0, 2.0, 0.1, False),     # met
+    ])
+    v = violations(req, QOS)
+    assert v["violated"].tolist() == [False, False, True, True, True, False]
+    assert v["outcome"].tolist() == req["outcome"].tolist()
+    counted = violation_rates(req, QOS)  # rejected count as violations (the default)
+    assert counted["tiers"]["t0"] == {**counted["tiers"]["t0"], "num_requests": 1, "violation_rate": 0.0,
+                                      "num_not_arrived": 1, "num_rejected": 0}
+    assert counted["tiers"]["t1"]["violation_rate"] == 0.75 and counted["overall"] == pytest.approx(3 / 5)
+    apart = violation_rates(req, QOS, count_rejected=False)
+    assert apart["tiers"]["t1"]["num_requests"] == 3 and apart["tiers"]["t1"]["violation_rate"] == pytest.approx(2 / 3)
+    assert apart["tiers"]["t1"]["num_rejected"] == 1 and apart["overall"] == pytest.approx(2 / 4)
+    assert (apart["num_rejected"], apart["num_not_arrived"], apart["num_judged"], apart["num_requests"]) == (1, 1, 4, 6)
+    assert apart["count_rejected"] is False and counted["count_rejected"] is True
+
+
+def test_slo_attainment_counts_rejected_and_not_arrived_requests_apart():
+    nan = float("nan")
+    req = table([
+        ("t0", "finished", 1.0, 3.0, 0.05, False),    # meets ttft 2 s and tpot 0.1 s
+        ("t0", "finished", 2.5, 3.0, 0.05, False),    # misses ttft
+        ("t0", "unfinished", nan, nan, nan, False),   # misses
+        ("t0", "rejected", nan, nan, nan, False),     # apart
+        ("t0", "not_arrived", nan, nan, nan, False),  # apart
+    ])
+    att = slo_attainment(req, {"t0": {"ttft_s": 2.0, "tpot_s": 0.1}})["t0"]
+    assert (att["num_requests"], att["num_judged"], att["num_violations"]) == (5, 3, 2)
+    assert (att["num_rejected"], att["num_not_arrived"]) == (1, 1)
+    assert att["attainment"] == pytest.approx(1 / 3)
+    assert att["attainment_counting_rejected"] == pytest.approx(1 / 4)
 
 
 def test_decode_deadlines_carry_the_slack_saved_on_prefill():

@@ -96,7 +96,7 @@ def test_horizon_leaves_requests_unfinished_with_partial_progress():
         res = simulate(workload([(0.0, 4, 10), (20.0, 4, 2)]), [spec], RoundRobin(), horizon_s=5.5,
                        fast_forward=ff)
         r = res.requests.set_index("request_id")
-        assert r["outcome"].tolist() == ["unfinished", "unfinished"]
+        assert r["outcome"].tolist() == ["unfinished", "not_arrived"]  # request 1 arrives after the horizon
         assert r.loc[0, "num_output_tokens_done"] == 5   # tokens at t = 1..5
         assert math.isnan(r.loc[1, "first_scheduled_s"])
         assert len(res.steps) == 5
