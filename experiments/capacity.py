@@ -3,6 +3,7 @@
     python -m experiments.capacity                                   # the run app's config, its policy
     python -m experiments.capacity policy=niyama slo=niyama_tiers capacity.rule=overall
     python -m experiments.capacity +experiment=repro_capacity_code   # FCFS/EDF/SRPF/Niyama + ablations
+    python -m experiments.capacity workload=trace workload.path=my.csv cluster=single   # a trace, rescaled
 
 The violation rate at a rate (QPS) is measured by simulating the configured workload at that
 rate, with the same seeds at every rate (the same requests; only the arrival times scale),
@@ -10,6 +11,15 @@ under the QoS tiers' own rules (`sim.qos`), summarised by `capacity.rule`: the w
 rate (`max_tier`) or all requests pooled (`overall`). The search brackets the threshold by
 growing (or shrinking) the rate by `growth`, bisects until the bracket is within `rel_tol`,
 and reports the capacity interpolated linearly inside the final bracket.
+
+Rejected requests (never servable at any rate: longer than the model's max_model_len, or
+than a replica's KV cache) are reported apart (`num_rejected` per point) and, by default,
+left out of the rates (`capacity.count_rejected: false`); `true` counts them as violations
+(the reproduction experiments do, as measured). The rate is set through
+`capacity.rate_key`: `auto` sets `target_qps` of a trace workload (`workload=trace`: the
+trace's own arrival pattern stretched to each rate, its requests unchanged) and
+`arrival.rate_qps` of a synthetic one or of `trace_workload` (the trace's lengths on
+Poisson arrivals, as the Niyama artifact does).
 
 A finite run hides overload that has not built up yet: a batch request violates only once
 the backlog exceeds its deadline (600 s / 1800 s for Niyama's tiers), which at load rho > 1
@@ -24,7 +34,6 @@ variant, the request table at its highest passing rate (`requests_<label>.parque
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -32,22 +41,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import hydra
 import numpy as np
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.run import explain_config_error, json_default
+from experiments.app import check_config, hydra_app, write_json
 from experiments.wiring import simulate_config
 from policies.siloed import splits as replica_splits
 from sim.errors import InputError
 from sim.paths import project_path
 from sim.qos import QoS, RULES, rates_from_violations, violations
 from sim.workload import ArrivalProcess, Workload, from_trace, make_requests
-from sim.workload.options import assign_qos_classes, plain, qos_probabilities
+from sim.workload.options import assign_qos_classes, plain, qos_probabilities, whole_number
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +68,17 @@ TRACE_HELP = (
 # ---------------------------------------------------------------- workload
 
 
-_TRACE_CACHE: dict[tuple[str, float, str], pd.DataFrame] = {}
+_TRACE_CACHE: dict[tuple[str, float, str], Workload] = {}
 
 
-def _trace_rows(path: str, format: str) -> pd.DataFrame:  # noqa: A002 - the loader's keyword
+def _trace_rows(path: str, format: str) -> Workload:  # noqa: A002 - the loader's keyword
     file = project_path(path)
     if not file.exists():
         raise InputError(f"trace file not found. {TRACE_HELP}", path=file, field="workload.path")
     key = (str(file), file.stat().st_mtime, format)
     if key not in _TRACE_CACHE:
         _TRACE_CACHE.clear()
-        _TRACE_CACHE[key] = from_trace(str(file), format=format).requests
+        _TRACE_CACHE[key] = from_trace(str(file), format=format)
     return _TRACE_CACHE[key]
 
 
@@ -96,7 +103,8 @@ def trace_workload(
         raise InputError("give exactly one of num_requests and duration_s", field="workload.num_requests",
                          value=(num_requests, duration_s))
     qos_probabilities(qos_shares)
-    rows = _trace_rows(path, format)
+    trace = _trace_rows(path, format)
+    rows = trace.requests
     arrival_rng, row_rng, qos_rng = np.random.default_rng(int(seed)).spawn(3)
     arrival_s = process.sample(arrival_rng, num_requests=num_requests, duration_s=duration_s)
     picks = row_rng.integers(0, len(rows), size=len(arrival_s))
@@ -105,7 +113,10 @@ def trace_workload(
     classes = drawn if qos_shares is not None else trace_classes  # a class from the trace wins without shares
     requests = make_requests(arrival_s, rows["num_prompt_tokens"].to_numpy()[picks],
                              rows["num_output_tokens"].to_numpy()[picks], model, classes)
-    return Workload(requests=requests, source=f"trace lengths {path} on {process.describe()}, seed={seed}")
+    lines = None if trace.source_lines is None or qos_shares is not None else trace.source_lines[picks]
+    return Workload(requests=requests, source=f"trace lengths {path} on {process.describe()}, seed={seed}",
+                    num_filtered=dict(trace.num_filtered), source_path=trace.source_path if lines is not None else None,
+                    source_lines=lines)
 
 
 # ---------------------------------------------------------------- settings
@@ -119,6 +130,9 @@ class CapacitySettings:
     """Violation summary compared with the threshold: "max_tier" or "overall"."""
     max_violation: float = 0.01
     """Highest violation rate that still counts as served."""
+    count_rejected: bool = False
+    """Whether rejected requests (never servable at any rate, e.g. longer than max_model_len)
+    count as violations; False (default): they are reported apart and left out of the rates."""
     qps_start: float = 1.0
     """First rate tried."""
     growth: float = 1.5
@@ -136,8 +150,10 @@ class CapacitySettings:
     backlog within this many seconds (None: violations only). See module docstring."""
     seeds: tuple[int, ...] = (0,)
     """Workload seeds simulated at every rate (violations pooled over them)."""
-    rate_key: str = "arrival.rate_qps"
-    """Field of the workload config set to each rate."""
+    rate_key: str = "auto"
+    """Field of the workload config set to each rate; "auto": `target_qps` for a trace
+    (`sim.workload.from_trace`: its own arrival pattern rescaled to the rate), else
+    `arrival.rate_qps` (synthetic arrivals, `trace_workload`)."""
     jobs: int = 1
     """Variants searched in parallel processes (the machine's other users share its cores)."""
 
@@ -157,6 +173,8 @@ class CapacitySettings:
         if self.max_points < 2 or self.jobs < 1 or not self.seeds:
             raise InputError("need max_points >= 2, jobs >= 1 and at least one seed", field="capacity",
                              value=(self.max_points, self.jobs, self.seeds))
+        if not isinstance(self.count_rejected, bool):
+            raise InputError("must be true or false", field="capacity.count_rejected", value=self.count_rejected)
 
     @classmethod
     def from_config(cls, node: Any) -> CapacitySettings:
@@ -168,7 +186,9 @@ class CapacitySettings:
                              field="capacity", value=d)
         d = {k: v for k, v in d.items() if k in known}
         if "seeds" in d:
-            d["seeds"] = tuple(int(s) for s in d["seeds"])
+            if not isinstance(d["seeds"], list):
+                raise InputError("must be a list of whole numbers >= 0", field="capacity.seeds", value=d["seeds"])
+            d["seeds"] = tuple(whole_number(s, "capacity.seeds", minimum=0) for s in d["seeds"])
         return cls(**d)
 
 
@@ -239,10 +259,23 @@ def search_capacity(violation_at: Callable[[float], float], s: CapacitySettings,
 # ---------------------------------------------------------------- one configuration at one rate
 
 
+def workload_rate_key(workload: DictConfig, rate_key: str) -> str:
+    """The workload config key the search sets to each rate (see `CapacitySettings.rate_key`);
+    InputError if the workload has no such key (e.g. a schedule of rates, or a mistyped key)."""
+    target = str(workload.get("_target_", ""))
+    if rate_key == "auto":
+        rate_key = "target_qps" if target.endswith("from_trace") else "arrival.rate_qps"
+    if OmegaConf.select(workload, rate_key, default="<absent>") == "<absent>":
+        raise InputError(f"the workload ({target or 'no _target_'}) has no key {rate_key!r} to set each rate to; "
+                         "set capacity.rate_key to the key holding its rate (a synthetic or trace_workload: "
+                         "arrival.rate_qps, a trace: target_qps)", field="capacity.rate_key", value=rate_key)
+    return rate_key
+
+
 def _workload_cfg(cfg: DictConfig, qps: float, seed: int, qos: QoS, rate_key: str) -> DictConfig:
     wl = cfg.workload.copy()
     OmegaConf.set_struct(wl, False)
-    OmegaConf.update(wl, rate_key, float(qps), merge=True)
+    OmegaConf.update(wl, workload_rate_key(cfg.workload, rate_key), float(qps), merge=True)
     if "seed" in wl:
         wl.seed = int(seed)
     if "qos_shares" in wl and wl.qos_shares is None and qos.shares():
@@ -258,6 +291,7 @@ def evaluate(cfg: DictConfig, qps: float, settings: CapacitySettings, qos: QoS) 
     t0 = time.perf_counter()
     for seed in settings.seeds:
         workload = instantiate(_workload_cfg(cfg, qps, seed, qos, settings.rate_key))
+        workload.check_qos_classes(set(qos.tiers))
         res = simulate_config(cfg, workload.requests, progress=False)
         req = res.requests
         frames.append(violations(req, qos, res.steps if needs_steps else None))
@@ -265,8 +299,12 @@ def evaluate(cfg: DictConfig, qps: float, settings: CapacitySettings, qos: QoS) 
         drains.append(float(res.end_s) - last_arrival)
         num_steps += int(res.info["num_steps"])
         tables.append(req.drop(columns=["token_steps"]).assign(seed=seed))
-    rates = rates_from_violations(pd.concat(frames, ignore_index=True), qos)
+    rates = rates_from_violations(pd.concat(frames, ignore_index=True), qos, count_rejected=settings.count_rejected)
     drain_s = float(max(drains))
+    reasons: dict[str, int] = {}
+    for tier in rates["tiers"].values():
+        for reason, n in tier["reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
     point = {
         "qps": float(qps),
         "violation": float(rates[settings.rule]),
@@ -276,6 +314,9 @@ def evaluate(cfg: DictConfig, qps: float, settings: CapacitySettings, qos: QoS) 
         "tiers": {k: v["violation_rate"] for k, v in rates["tiers"].items()},
         "num_requests": rates["num_requests"],
         "num_violations": rates["num_violations"],
+        "violation_reasons": reasons,
+        "num_rejected": rates["num_rejected"],
+        "num_not_arrived": rates["num_not_arrived"],
         "num_relegated": rates["num_relegated"],
         "drain_s": drain_s,
         "num_steps": num_steps,
@@ -363,8 +404,10 @@ def search_variant(label: str, container: dict) -> tuple[dict, pd.DataFrame | No
         details[round(q, 6)] = point
         if point["score"] <= settings.max_violation and q > best_table["qps"]:
             best_table.update(qps=q, table=table)
-        log.info("[%s] qps=%.3f  %s violation=%.4f  overall=%.4f  drain=%.0f s  relegated=%d  -> %s  (%d requests, %.1f s)",
-                 label, q, settings.rule, point["violation"], point["overall"], point["drain_s"], point["num_relegated"],
+        log.info("[%s] qps=%.3f  %s violation=%.4f  overall=%.4f  drain=%.0f s  relegated=%d  rejected=%d%s  -> %s  "
+                 "(%d requests, %.1f s)", label, q, settings.rule, point["violation"], point["overall"],
+                 point["drain_s"], point["num_relegated"], point["num_rejected"],
+                 "" if settings.count_rejected else " (not counted)",
                  "pass" if point["score"] <= settings.max_violation else "fail", point["num_requests"], point["wall_s"])
         return point["score"]
 
@@ -381,6 +424,9 @@ def run_capacity(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     and the request tables at capacity into `out_dir`. Returns the capacity.json content."""
     settings = CapacitySettings.from_config(cfg.capacity)
     variants = variant_configs(cfg)
+    for v in variants.values():  # bad input stops here, before any search
+        check_config(v)
+        workload_rate_key(v.workload, CapacitySettings.from_config(v.capacity).rate_key)
     # unresolved: each pool resolves its cost model for its own model, hardware and tp (experiments.wiring)
     containers = {label: OmegaConf.to_container(v, resolve=False) for label, v in variants.items()}
     log.info("capacity search: %d variant(s) %s, rule=%s, threshold=%.3g, seeds=%s",
@@ -413,7 +459,7 @@ def run_capacity(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "capacity.json").write_text(json.dumps(out, indent=2, default=json_default))
+        write_json(out_dir / "capacity.json", out)
         points_table(out).to_csv(out_dir / "capacity_points.csv", index=False)
         if cfg.capacity.get("save_requests", True):
             for label, (_, table) in found.items():
@@ -432,6 +478,7 @@ def points_table(result: dict) -> pd.DataFrame:
             row = {"variant": label, "qps": p["qps"], "violation": p["violation"], "score": p.get("score", p["violation"]),
                    "overall": p["overall"],
                    "max_tier": p["max_tier"], "num_requests": p["num_requests"], "num_relegated": p["num_relegated"],
+                   "num_rejected": p.get("num_rejected", 0),
                    "drain_s": p["drain_s"], "wall_s": p["wall_s"]}
             row.update({f"violation_{t}": r for t, r in p["tiers"].items()})
             rows.append(row)
@@ -483,19 +530,32 @@ def plot_capacity(result: dict, path: str | Path) -> Path:
     return path
 
 
-@hydra.main(config_path="../conf", config_name="capacity", version_base="1.3")
+def explain_status(res: dict, settings: dict) -> str:
+    """Why a search ended without a bracket: the violation at the lowest (below_min) or highest
+    (above_max) rate tried, by reason, and the rejected requests there ('' when it bracketed)."""
+    if res["status"] not in ("below_min", "above_max") or not res["points"]:
+        return ""
+    edge = (min if res["status"] == "below_min" else max)(res["points"], key=lambda p: p["qps"])
+    rejected = edge.get("num_rejected", 0)
+    text = (f"at {edge['qps']:.3g} qps {100 * edge['violation']:.2f}% violating, by reason: "
+            f"{', '.join(f'{k} {v}' for k, v in edge.get('violation_reasons', {}).items()) or 'none'}")
+    return text + (f"; {rejected} rejected (not counted)" if rejected and not settings.get("count_rejected") else "")
+
+
+@hydra_app(config_path="../conf", config_name="capacity", prog="experiments.capacity")
 def main(cfg: DictConfig) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        out = run_capacity(cfg, out_dir)
-    except (InputError, InstantiationException) as exc:
-        log.error("%s", explain_config_error(exc))
-        raise SystemExit(2) from None
+    out = run_capacity(cfg, out_dir)
     width = max(len(k) for k in out["capacity_qps"])
-    print("\ncapacity (highest QPS with <= {:.3g}% of requests violating, rule {}):".format(
-        100 * out["max_violation"], out["rule"]))
+    counted = "counted as violations" if out["settings"]["count_rejected"] else "reported apart, not counted"
+    print("\ncapacity (highest QPS with <= {:.3g}% of requests violating, rule {}; rejected requests {}):".format(
+        100 * out["max_violation"], out["rule"], counted))
     for label, res in out["variants"].items():
-        print(f"  {label:<{width}}  {res['capacity_qps']:7.3f} qps  ({res['status']}, {len(res['points'])} points)")
+        at = next((p for p in res["points"] if res["lo_qps"] is not None and p["qps"] == round(res["lo_qps"], 6)), None)
+        rejected = f"; {at['num_rejected']} rejected at {at['qps']:.3g} qps" if at and at.get("num_rejected") else ""
+        why = explain_status(res, out["settings"])
+        print(f"  {label:<{width}}  {res['capacity_qps']:7.3f} qps  ({res['status']}, {len(res['points'])} points"
+              f"{rejected}){': ' + why if why else ''}")
     if "best_split" in out:
         print(f"  best split: {out['best_split']['variant']} ({out['best_split']['capacity_qps']:.3f} qps)")
     print(f"outputs: {out_dir}")

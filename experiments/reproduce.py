@@ -17,25 +17,22 @@ Writes into the output directory: one folder per part (capacity.json, plots, req
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import hydra
 import numpy as np
 import pandas as pd
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.app import check_config, hydra_app, write_json
 from experiments.capacity import run_capacity, variant_configs
 from experiments.wiring import simulate_config
-from experiments.run import explain_config_error
 from sim.errors import InputError
 from sim.paths import PROJECT_ROOT
 from sim.qos import QoS, rates_from_violations, violation_timeseries, violations
@@ -82,8 +79,10 @@ def run_surge(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     results, series, tables = {}, [], {}
     for label, vcfg in variant_configs(cfg).items():
         t0 = time.perf_counter()
+        check_config(vcfg)
         qos = QoS.from_config(vcfg.slo)
         workload = instantiate(vcfg.workload)
+        workload.check_qos_classes(set(qos.tiers))
         res = simulate_config(vcfg, workload.requests, progress=False)
         v = violations(res.requests, qos)
         rates = rates_from_violations(v, qos)
@@ -108,7 +107,7 @@ def run_surge(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "surge.json").write_text(json.dumps(out, indent=2))
+        write_json(out_dir / "surge.json", out)
         pd.concat(series, ignore_index=True).to_csv(out_dir / "surge_timeseries.csv", index=False)
         for label, table in tables.items():
             table.to_parquet(out_dir / f"requests_{label}.parquet", index=False)
@@ -158,7 +157,7 @@ def write_summaries(summary: dict, out_dir: Path) -> None:
     parts = summary["parts"]
     capacities = {TRACE_OF_PART[p]: r["result"]["capacity_qps"] for p, r in parts.items() if p in TRACE_OF_PART}
     if capacities:
-        (out_dir / "reproduction.json").write_text(json.dumps(capacities, indent=2))
+        write_json(out_dir / "reproduction.json", capacities)
     lines = ["# Reproduction results", "",
              f"Measured by `python -m experiments.reproduce` ({'smoke' if summary['smoke'] else 'full'} size; "
              f"overrides: {summary['overrides'] or 'none'}), {summary['wall_s'] / 60:.1f} min.", ""]
@@ -177,7 +176,7 @@ def write_summaries(summary: dict, out_dir: Path) -> None:
         gain = shared / best["capacity_qps"] - 1 if best["capacity_qps"] > 0 else float("nan")
         siloed = {"shared_qps": shared, "best_split": best, "splits": {k: v for k, v in res["capacity_qps"].items() if k != "shared"},
                   "gain": gain, "paper_gain": PUBLISHED["shared_vs_siloed_gain"]}
-        (out_dir / "shared_vs_siloed.json").write_text(json.dumps(siloed, indent=2))
+        write_json(out_dir / "shared_vs_siloed.json", siloed)
         lines += ["## Shared (Niyama) vs siloed pools", "", "| configuration | capacity (QPS) |", "|---|---|",
                   f"| shared, Niyama | {shared:.2f} |"]
         lines += [f"| {k} | {v:.2f} |" for k, v in siloed["splits"].items()]
@@ -186,7 +185,7 @@ def write_summaries(summary: dict, out_dir: Path) -> None:
         if part not in parts:
             continue
         res = parts[part]["result"]
-        (out_dir / f"{part}.json").write_text(json.dumps(res, indent=2))
+        write_json(out_dir / f"{part}.json", res)
         tiers = sorted({t for v in res["variants"].values() for t in v["tiers"]})
         rates = "/".join(f"{r:g}" for _, r in (res.get("schedule") or {}).get("schedule", []))
         lines += [f"## Surge, {part} ({rates} QPS alternating, one replica): violating requests", "",
@@ -200,16 +199,12 @@ def write_summaries(summary: dict, out_dir: Path) -> None:
     (out_dir / "reproduction.md").write_text("\n".join(lines))
 
 
-@hydra.main(config_path="../conf", config_name="reproduce", version_base="1.3")
+@hydra_app(config_path="../conf", config_name="reproduce", prog="experiments.reproduce")
 def main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else Path(HydraConfig.get().runtime.output_dir)
-    try:
-        reproduce(list(cfg.parts), list(cfg.overrides), out_dir, smoke=bool(cfg.smoke),
-                  smoke_overrides=OmegaConf.to_container(cfg.smoke_overrides, resolve=True),
-                  smoke_all=list(cfg.smoke_all))
-    except (InputError, InstantiationException) as exc:
-        log.error("%s", explain_config_error(exc))
-        raise SystemExit(2) from None
+    reproduce(list(cfg.parts), list(cfg.overrides), out_dir, smoke=bool(cfg.smoke),
+              smoke_overrides=OmegaConf.to_container(cfg.smoke_overrides, resolve=True),
+              smoke_all=list(cfg.smoke_all))
     md = out_dir / "reproduction.md"
     if md.exists():
         print("\n" + md.read_text())

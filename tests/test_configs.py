@@ -85,8 +85,14 @@ def test_a_policy_without_partial_is_a_clear_config_error():
 def test_unknown_option_on_the_command_line_fails_with_hydra_message():
     proc = subprocess.run([sys.executable, "-m", "experiments.run", "policy=nosuchpolicy"], cwd=PROJECT_ROOT,
                           capture_output=True, text=True)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "nosuchpolicy" in proc.stderr
+
+
+def test_the_top_level_seed_feeds_seeded_policy_options():
+    assert cfg_with("policy=niyama").policy.relegable_seed == 0
+    assert cfg_with("policy=niyama", "seed=7").policy.relegable_seed == 7
+    assert cfg_with("policy=niyama_no_relegation", "seed=7").policy.relegable_seed == 7
 
 
 @pytest.mark.slow

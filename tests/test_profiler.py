@@ -26,7 +26,7 @@ TINY = ROOT / "conf" / "engine_models" / "llama-cpu-tiny"
 
 
 def profiler_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf" / "profiler"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "profiler" / "conf"), version_base=None):
         return compose(config_name="config", overrides=list(overrides))
 
 
