@@ -107,7 +107,7 @@ def summary_table(rows: dict[str, dict]) -> pd.DataFrame:
             if att.get("num_requests"):
                 row[f"slo_{cls}"] = att["attainment"]  # rejected requests are counted apart, not as misses
         table[label] = row
-    return pd.DataFrame.from_dict(table, orient="index")
+    return pd.DataFrame.from_dict(table, orient="index").astype(float)  # summary.json's nulls -> NaN
 
 
 @hydra_app(config_path="../conf", config_name="config", prog="experiments.run")

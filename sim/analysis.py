@@ -36,12 +36,15 @@ def load_capacity(path: str | Path) -> dict:
 def attainment_table(capacity: Mapping) -> pd.DataFrame:
     """SLO attainment (1 - violation rate) per variant, rate and tier, long format:
     columns variant, qps, tier ('overall' or a tier name), attainment."""
+    def attained(rate) -> float:  # capacity.json writes an undefined rate (no request judged) as null
+        return float("nan") if rate is None else 1.0 - rate
+
     rows = []
     for label, res in capacity["variants"].items():
         for p in res["points"]:
-            rows.append({"variant": label, "qps": p["qps"], "tier": "overall", "attainment": 1.0 - p["overall"]})
-            rows += [{"variant": label, "qps": p["qps"], "tier": t, "attainment": 1.0 - r}
-                     for t, r in p["tiers"].items() if r == r]
+            rows.append({"variant": label, "qps": p["qps"], "tier": "overall", "attainment": attained(p["overall"])})
+            rows += [{"variant": label, "qps": p["qps"], "tier": t, "attainment": attained(r)}
+                     for t, r in p["tiers"].items() if r is not None and r == r]
     return pd.DataFrame(rows).sort_values(["variant", "tier", "qps"]).reset_index(drop=True)
 
 
@@ -179,10 +182,13 @@ def load_surge(directory: str | Path) -> tuple[pd.DataFrame, dict]:
 
 def surge_table(surge: Mapping) -> pd.DataFrame:
     """Total violation rates per variant (overall, per tier) and relegations, in percent."""
+    def percent(rate) -> float:  # surge.json writes an undefined rate (no request in a tier) as null
+        return float("nan") if rate is None else 100 * rate
+
     rows = []
     for label, v in surge["variants"].items():
-        row = {"variant": label, "overall_%": 100 * v["overall"]}
-        row.update({f"{t}_%": 100 * r for t, r in v["tiers"].items()})
+        row = {"variant": label, "overall_%": percent(v["overall"])}
+        row.update({f"{t}_%": percent(r) for t, r in v["tiers"].items()})
         row["relegated"] = v["num_relegated"]
         rows.append(row)
     return pd.DataFrame(rows).set_index("variant").round(2)

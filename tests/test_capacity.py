@@ -146,6 +146,15 @@ def test_the_rate_key_must_exist_in_the_workload():
         CapacitySettings.from_config({"seeds": ["a"]})
 
 
+def test_capacity_json_nulls_read_back_as_undefined_rates():
+    from sim.analysis import attainment_table
+
+    point = {"qps": 1.0, "overall": None, "tiers": {"t0": None, "t1": 0.25}}  # null: no request judged
+    table = attainment_table(json.loads(json.dumps({"variants": {"a": {"points": [point]}}})))
+    assert table["tier"].tolist() == ["overall", "t1"]
+    assert np.isnan(table["attainment"].iloc[0]) and table["attainment"].iloc[1] == 0.75
+
+
 def test_siloed_splits_expand_into_one_variant_per_split():
     cfg = compose_part("capacity", ["+experiment=repro_siloed"])
     labels = list(variant_configs(cfg))
