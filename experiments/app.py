@@ -85,7 +85,6 @@ def hydra_app(*, config_path: str, config_name: str, prog: str,
                 os.environ.pop("HYDRA_FULL_ERROR", None)
                 _one_line_errors[0] = False
 
-        entry.task = task  # type: ignore[attr-defined]  # the plain function, for tests
         return entry
 
     return decorate
