@@ -13,13 +13,15 @@ import functools
 import gc
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import simpy
 
 from sim.costmodel import CostModel
+from sim.control import Controller
+from sim.controlplane import ActionError, Cluster, ControlSettings
 from sim.errors import InputError
 from sim.metrics import request_table
 from sim.replica import Replica
@@ -120,6 +122,9 @@ def simulate(
     check_plans: bool = False,
     progress: bool = False,
     min_fast_forward_steps: int = 2,
+    controller: Controller | None = None,
+    catalog: Mapping[str, ReplicaSpec] | None = None,
+    control: ControlSettings | None = None,
 ) -> SimResult:
     """Run `workload` (columns arrival_s, num_prompt_tokens, num_output_tokens[, model,
     qos_class, request_id]) through the cluster; every request ends finished, rejected or
@@ -127,7 +132,14 @@ def simulate(
 
     `fast_forward` (default on) keeps steady decodes in arrays and advances stable decode
     batches in closed form once the next completion is at least `min_fast_forward_steps`
-    steps away; results equal step-by-step simulation up to floating-point rounding."""
+    steps away; results equal step-by-step simulation up to floating-point rounding.
+
+    With a `controller` (a cluster policy, `sim.control.Controller`) or a `catalog` of named
+    replica configurations it may start, the replicas run under `sim.controlplane.Cluster`:
+    lifecycle, cluster queue, pulls and controller actions. `control` holds the mechanism's
+    settings (KV transfer bandwidth, what to do with a request for a model nobody serves:
+    an InputError at start-up by default). Requests left in the cluster queue when nothing
+    more can happen end `unfinished` (counted in `info['num_stranded']`)."""
     if not replicas:
         raise InputError("the cluster has no replicas", field="replicas", value=0)
     if horizon_s is not None and not horizon_s > 0:
@@ -143,14 +155,17 @@ def simulate(
         if done_count[0] == n_total and not all_done.triggered:
             all_done.succeed()
 
-    reps: list[Replica] = []
-    for i, spec in enumerate(replicas):
-        reps.append(Replica(
+    def make_replica(i: int, spec: ReplicaSpec) -> Replica:
+        return Replica(
             env, i, spec.cost_model, spec.policy_factory(), spec.limits, spec.resolve_kv_blocks(),
             spec.block_size, name=spec.name or f"replica{i}", model=spec.model,
             fast_forward=fast_forward, min_fast_forward_steps=min_fast_forward_steps,
             check_plans=check_plans, on_finish=on_outcome,
-        ))
+        )
+
+    reps: list[Replica] = [make_replica(i, spec) for i, spec in enumerate(replicas)]
+    specs = list(replicas)
+    settings = control or ControlSettings()
     by_model: dict[str, list[Replica]] = {}
 
     def eligible(model: str) -> list[Replica]:
@@ -166,6 +181,9 @@ def simulate(
         on_outcome(req)
 
     def deliver(req: Request, now: float) -> None:
+        if req.reject_reason:  # marked at start-up (no replica may serve its model)
+            reject(req, req.reject_reason)
+            return
         group = eligible(req.model)
         if not group:
             reject(req, "no_replica_for_model")
@@ -180,18 +198,33 @@ def simulate(
         else:
             target.submit(req)
 
+    cluster = None
+    if controller is not None or catalog:
+        cluster = Cluster(env, reps, specs, router, controller, catalog or {}, settings, make_replica, reject)
+        cluster.on_outcome = on_outcome
+        cluster.done = lambda: all_done.triggered
+        deliver = cluster.deliver
+    _check_models(requests, specs, catalog or {}, settings)
     arrivals = _Arrivals(env, requests, deliver, _progress_bar(progress, requests, horizon_s))
+    if cluster is not None:
+        cluster._requests = requests
+        cluster.pending_arrivals = lambda: arrivals.next_k < n_total
+        cluster.start()
     if n_total == 0:
         all_done.succeed()
     until = all_done if horizon_s is None else env.any_of([all_done, env.timeout(horizon_s)])
+    num_stranded = 0
     try:
         env.run(until=until)
     except RuntimeError as exc:  # the event queue ran dry before every request ended
         stuck = [r for r in requests if r.outcome is None]
-        raise RuntimeError(
-            f"simulation stalled at t={env.now:.3f}s with {len(stuck)} requests unfinished "
-            f"(first: {stuck[:3]}); a batch policy stopped scheduling"
-        ) from exc
+        if cluster is not None and arrivals.next_k == n_total and all(r.replica == -1 for r in stuck):
+            num_stranded = len(stuck)  # left in the cluster queue with nobody to serve them
+        else:
+            raise RuntimeError(
+                f"simulation stalled at t={env.now:.3f}s with {len(stuck)} requests unfinished "
+                f"(first: {stuck[:3]}); a batch policy stopped scheduling"
+            ) from exc
     finally:
         arrivals.close()
     end_s = env.now
@@ -207,11 +240,11 @@ def simulate(
     rep_df = pd.DataFrame({
         "replica": [r.replica_id for r in reps],
         "name": [r.name for r in reps],
-        "model": [s.model_spec_name or s.model for s in replicas],
+        "model": [s.model_spec_name or s.model for s in specs],
         "routes_model": [r.model for r in reps],
-        "hardware": [s.hardware for s in replicas],
-        "tp": [s.tp for s in replicas],
-        "cost_model": [getattr(s.cost_model, "name", type(s.cost_model).__name__) for s in replicas],
+        "hardware": [s.hardware for s in specs],
+        "tp": [s.tp for s in specs],
+        "cost_model": [getattr(s.cost_model, "name", type(s.cost_model).__name__) for s in specs],
         "policy": [type(r.policy).__name__ for r in reps],
         "num_kv_blocks": [r.kv.num_blocks for r in reps],
         "block_size": [r.kv.block_size for r in reps],
@@ -219,8 +252,13 @@ def simulate(
         "max_num_batched_tokens": [r.limits.max_num_batched_tokens for r in reps],
         "num_steps": [r.steps.num_steps for r in reps],
     })
-    info = {"num_requests": n_total, "end_s": end_s, "horizon_s": horizon_s,
+    if cluster is not None:  # lifecycle: the state each replica ended in and when it changed
+        for col in ("state", "config_name", "started_s", "serving_s", "stopped_s"):
+            rep_df[col.replace("config_name", "config")] = [getattr(r, col) for r in reps]
+    info = {"num_requests": n_total, "num_stranded": num_stranded, "end_s": end_s, "horizon_s": horizon_s,
             "fast_forward": fast_forward, "num_steps": int(sum(r.steps.num_steps for r in reps))}
+    if cluster is not None:
+        info.update(cluster.counts)
     return SimResult(req_df, steps_df, rep_df, end_s, info)
 
 
@@ -262,6 +300,26 @@ class _Arrivals:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _check_models(requests: list[Request], specs: Sequence[ReplicaSpec], catalog: Mapping[str, ReplicaSpec],
+                  settings: ControlSettings) -> None:
+    """A request naming a model that no replica (nor catalog configuration) may ever serve: an
+    InputError at start-up, or with `unknown_model='reject'` marked for rejection at arrival."""
+    models = {s.model for s in specs} | {s.model for s in catalog.values()}
+    if "" in models:
+        return  # a replica serving any model
+    unknown = sorted({r.model for r in requests if r.model not in models})
+    if not unknown:
+        return
+    if settings.unknown_model == "error":
+        raise InputError(f"requests name model {unknown[0]!r}, which no replica or catalog configuration serves "
+                         f"(models: {sorted(models)}); add one, or set unknown_model=reject",
+                         field="model", value=unknown[0])
+    bad = set(unknown)
+    for r in requests:
+        if r.model in bad:
+            r.reject_reason = "no_replica_for_model"
 
 
 def _make_requests(workload: pd.DataFrame) -> list[Request]:

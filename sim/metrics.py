@@ -57,19 +57,25 @@ def request_table(requests: Sequence[Request], step_end_times: Sequence[np.ndarr
     df["tpot_s"] = (df["finish_s"] - df["first_token_s"]) / gaps
     token_steps = [r.token_steps for r in requests]
     lens, flat = _flatten(token_steps)
-    df["tbt_max_s"] = _max_gap(_runs_of(flat, lens // 2, df["replica"].to_numpy()), n, step_end_times)
+    moved = [r.run_replicas for r in requests]
+    df["tbt_max_s"] = _max_gap(_runs_of(flat, lens // 2, df["replica"].to_numpy(), moved), n, step_end_times)
     # numpy arrays (views of one buffer) rather than the lists: the cyclic collector does not
     # track them, so the run leaves no object per request for it to visit later
     ends = np.cumsum(lens).tolist()
     flat32 = flat.astype(np.int32)
     df["token_steps"] = [flat32[a:b] for a, b in zip([0] + ends[:-1], ends)]
+    # A request served by several replicas (cluster control): the replica of each token run
+    # (None: every run on `replica`); evictions and migrations it went through.
+    df["token_replicas"] = [None if m is None else np.asarray(m, dtype=np.int32) for m in moved]
+    df["num_evictions"] = column("num_evictions", np.int64)
+    df["num_migrations"] = column("num_migrations", np.int64)
     return df
 
 
-def _segments(token_steps: Sequence, replicas: np.ndarray):
+def _segments(token_steps: Sequence, replicas: np.ndarray, run_replicas: Sequence | None = None):
     """Flatten per-request runs into arrays (request index, replica, first step, last step)."""
     lens, flat = _flatten(token_steps)
-    return _runs_of(flat, lens // 2, replicas)
+    return _runs_of(flat, lens // 2, replicas, run_replicas)
 
 
 def _flatten(token_steps: Sequence) -> tuple[np.ndarray, np.ndarray]:
@@ -78,10 +84,18 @@ def _flatten(token_steps: Sequence) -> tuple[np.ndarray, np.ndarray]:
     return lens, np.fromiter(chain.from_iterable(token_steps), dtype=np.int64, count=int(lens.sum()))
 
 
-def _runs_of(flat: np.ndarray, runs_per_request: np.ndarray, replicas: np.ndarray):
-    """(request index, replica, first step, last step) of every run in `flat` = [a1, b1, a2, ...]."""
+def _runs_of(flat: np.ndarray, runs_per_request: np.ndarray, replicas: np.ndarray,
+            run_replicas: Sequence | None = None):
+    """(request index, replica, first step, last step) of every run in `flat` = [a1, b1, a2, ...];
+    a run's replica is its request's, or the request's `run_replicas` entry when it moved."""
     idx = np.repeat(np.arange(len(runs_per_request)), runs_per_request)
-    return idx, replicas[idx], flat[0::2], flat[1::2]
+    rep = replicas[idx]
+    if run_replicas is not None:
+        starts = np.cumsum(runs_per_request) - runs_per_request
+        for i, m in enumerate(run_replicas):
+            if m is not None and len(m):
+                rep[starts[i]: starts[i] + len(m)] = m
+    return idx, rep, flat[0::2], flat[1::2]
 
 
 def _gap_arrays(step_end_times: Sequence[np.ndarray]):
@@ -131,7 +145,10 @@ def tbt_samples(requests: pd.DataFrame, steps: pd.DataFrame) -> tuple[np.ndarray
     if fin.empty or not step_ends:
         return np.empty(0), np.empty(0)
     replicas = np.array([pos[r] for r in fin["replica"].to_numpy()], dtype=np.int64)
-    idx, rep, a, b = _segments(list(fin["token_steps"]), replicas)
+    moved = None
+    if "token_replicas" in fin.columns:
+        moved = [None if m is None else [pos[int(x)] for x in m] for m in fin["token_replicas"]]
+    idx, rep, a, b = _segments(list(fin["token_steps"]), replicas, moved)
     gaps, ends, offsets = _gap_arrays(step_ends)
     base = offsets[rep]
     weights = np.zeros(len(gaps) + 1)
@@ -158,13 +175,25 @@ def weighted_percentiles(values: np.ndarray, weights: np.ndarray, qs: Sequence[f
     return [float(v[min(np.searchsorted(cw, q / 100.0 * total, side="left"), len(v) - 1)]) for q in qs]
 
 
-def request_tbt_s(row: pd.Series, steps: pd.DataFrame) -> np.ndarray:
-    """Every token gap of one request (seconds), from its `token_steps` runs."""
-    s = steps[steps["replica"] == row["replica"]].sort_values("step")
-    ends = (s["start_s"] + s["duration_s"]).to_numpy()
+def request_token_times_s(row: pd.Series, steps: pd.DataFrame) -> np.ndarray:
+    """Every output token time of one request (seconds), from its `token_steps` runs and, if
+    it moved between replicas, the replica of each run (`token_replicas`)."""
     runs = np.asarray(row["token_steps"], dtype=np.int64)
-    times = np.concatenate([ends[a: b + 1] for a, b in zip(runs[0::2], runs[1::2])]) if len(runs) else np.empty(0)
-    return np.diff(times)
+    moved = row.get("token_replicas")
+    reps = [row["replica"]] * (len(runs) // 2) if moved is None else [int(x) for x in moved]
+    ends = {}
+    times = []
+    for (a, b), rep in zip(zip(runs[0::2], runs[1::2]), reps):
+        if rep not in ends:
+            s = steps[steps["replica"] == rep].sort_values("step")
+            ends[rep] = (s["start_s"] + s["duration_s"]).to_numpy()
+        times.append(ends[rep][a: b + 1])
+    return np.concatenate(times) if times else np.empty(0)
+
+
+def request_tbt_s(row: pd.Series, steps: pd.DataFrame) -> np.ndarray:
+    """Every token gap of one request (seconds)."""
+    return np.diff(request_token_times_s(row, steps))
 
 
 def _pcts(x: pd.Series | np.ndarray) -> dict[str, float]:

@@ -28,6 +28,7 @@ class Request:
         "reject_reason", "first_scheduled_s", "first_token_s", "finish_s",
         "num_preemptions", "num_blocks", "token_steps", "last_token_step", "admit_seq",
         "deadline_s", "relegated", "relegable", "priority",
+        "num_evictions", "num_migrations", "ready_s", "run_replicas",
     )
 
     def __init__(
@@ -65,6 +66,12 @@ class Request:
         self.relegated = False
         self.relegable = True
         self.priority = 0.0
+        # Cluster control (sim.controlplane): a request may be served by several replicas.
+        self.num_evictions = 0
+        self.num_migrations = 0
+        self.ready_s = 0.0  # earliest time it may run again (a KV transfer in flight)
+        # The replica of each run in `token_steps` once it has moved (None: all on `replica`).
+        self.run_replicas: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -96,7 +103,17 @@ class Request:
         else:
             self.token_steps.append(step_index)
             self.token_steps.append(step_index)
+            if self.run_replicas is not None:
+                self.run_replicas.append(self.replica)
         self.last_token_step = step_index
+
+    def leave_replica(self) -> None:
+        """The request leaves its replica (evicted or migrated): later token runs belong to the
+        next replica, so record whose the runs so far are."""
+        if self.run_replicas is None:
+            self.run_replicas = [self.replica] * (len(self.token_steps) // 2)
+        self.last_token_step = -2
+        self.replica = -1
 
     def __repr__(self) -> str:
         return (
