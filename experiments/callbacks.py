@@ -79,7 +79,7 @@ class CollectSweep(Callback):
         runs = {label: pd.read_parquet(d / "requests.parquet", columns=["outcome", "ttft_s", "e2e_s"])
                 for label, d in job_labels(sweep_dir, "requests.parquet", self.job_dirs).items()}
         if runs:
-            from sim.plots import latency_cdfs
+            from analysis.plots import latency_cdfs
 
             latency_cdfs(runs, sweep_dir / "latency_cdf.png", title="Latency CDFs across the sweep")
         with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):

@@ -457,6 +457,8 @@ def run_capacity(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
         out["best_split"] = {"variant": best, "capacity_qps": mine[best],
                              "split": [int(x) for x in best[len(name) + 1:].split("_")]}
     if out_dir is not None:
+        from analysis.results import plot_capacity, points_table
+
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "capacity.json", out)
@@ -468,66 +470,6 @@ def run_capacity(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
         if cfg.output.get("plots", True):
             plot_capacity(out, out_dir / "capacity.png")
     return out
-
-
-def points_table(result: dict) -> pd.DataFrame:
-    """Every evaluated point of a capacity.json as a tidy table (one row a variant and rate)."""
-    rows = []
-    for label, res in result["variants"].items():
-        for p in res["points"]:
-            row = {"variant": label, "qps": p["qps"], "violation": p["violation"], "score": p.get("score", p["violation"]),
-                   "overall": p["overall"],
-                   "max_tier": p["max_tier"], "num_requests": p["num_requests"], "num_relegated": p["num_relegated"],
-                   "num_rejected": p.get("num_rejected", 0),
-                   "drain_s": p["drain_s"], "wall_s": p["wall_s"]}
-            row.update({f"violation_{t}": r for t, r in p["tiers"].items()})
-            rows.append(row)
-    return pd.DataFrame(rows).sort_values(["variant", "qps"]).reset_index(drop=True)
-
-
-def plot_capacity(result: dict, path: str | Path) -> Path:
-    """Violation rate (the search's rule) vs QPS, one line per variant, the threshold and each
-    variant's capacity marked; with `max_drain_s`, a second panel shows the drain time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = points_table(result)
-    max_drain = result["settings"].get("max_drain_s")
-    fig, axes = plt.subplots(2 if max_drain else 1, 1, figsize=(8, 7 if max_drain else 4.5), sharex=True,
-                             squeeze=False)
-    ax = axes[0, 0]
-    for i, label in enumerate(result["variants"]):
-        g = table[table["variant"] == label]
-        color = f"C{i % 10}"
-        ax.plot(g["qps"], 100 * g["violation"], "o-", color=color, lw=1.2, ms=4,
-                label=f"{label}: {result['capacity_qps'][label]:.2f} qps")
-        for a in axes[:, 0]:
-            a.axvline(result["capacity_qps"][label], color=color, ls=":", lw=0.8)
-        if max_drain:
-            axes[1, 0].plot(g["qps"], g["drain_s"], "o-", color=color, lw=1.2, ms=4)
-    ax.axhline(100 * result["max_violation"], color="k", ls="--", lw=0.8, label=f"{100 * result['max_violation']:g}% threshold")
-    ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_ylim(0, 100)
-    ax.set_ylabel(f"violating requests (%, {result['rule']})")
-    ax.legend(fontsize=8, loc="upper left")
-    ax.set_title("Capacity search: violation rate vs load")
-    if max_drain:
-        d = axes[1, 0]
-        d.axhline(max_drain, color="k", ls="--", lw=0.8, label=f"sustainable: drain <= {max_drain:g} s")
-        d.set_yscale("symlog", linthresh=10.0)
-        d.set_ylim(bottom=0)
-        d.set_ylabel("backlog drain after the last arrival (s)")
-        d.legend(fontsize=8, loc="upper left")
-    axes[-1, 0].set_xlabel("request rate (QPS)")
-    for a in axes[:, 0]:
-        a.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def explain_status(res: dict, settings: dict) -> str:

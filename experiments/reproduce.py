@@ -113,7 +113,7 @@ def run_surge(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
             table.to_parquet(out_dir / f"requests_{label}.parquet", index=False)
         import matplotlib.pyplot as plt
 
-        from sim.analysis import plot_surge
+        from analysis.results import plot_surge
 
         plt.close(plot_surge(pd.concat(series, ignore_index=True), out_dir / "surge_violations.png",
                              schedule=out["schedule"]))

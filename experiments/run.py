@@ -77,7 +77,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, label: str = "") -> 
         result.replicas.to_csv(out / "replicas.csv", index=False)
         write_json(out / "summary.json", summary)
         if cfg.output.plots:
-            from sim.plots import latency_cdfs, timeseries
+            from analysis.plots import latency_cdfs, timeseries
 
             name = cfg.policy.get("_target_", "run").rsplit(".", 1)[-1]
             about = textwrap.shorten(f"{name}, {label}" if label else name, width=150, placeholder=" ...")

@@ -147,7 +147,7 @@ def test_the_rate_key_must_exist_in_the_workload():
 
 
 def test_capacity_json_nulls_read_back_as_undefined_rates():
-    from sim.analysis import attainment_table
+    from analysis.results import attainment_table
 
     point = {"qps": 1.0, "overall": None, "tiers": {"t0": None, "t1": 0.25}}  # null: no request judged
     table = attainment_table(json.loads(json.dumps({"variants": {"a": {"points": [point]}}})))
