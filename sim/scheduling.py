@@ -9,6 +9,7 @@ vLLM's scheduler does; everything else it only reads. Routers pick a replica per
 
 from __future__ import annotations
 
+import numbers
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol, Sequence
@@ -21,7 +22,15 @@ from sim.request import Request
 
 @dataclass(frozen=True)
 class EngineLimits:
-    """Per-replica engine limits, named as in vLLM."""
+    """Per-replica engine limits, named as in vLLM.
+
+    Checked as vLLM's `SchedulerConfig` checks them (an `InputError` naming the field and
+    value): every limit a whole number >= 1, and `max_num_batched_tokens >= max_num_seqs`
+    (a step that can hold more requests than tokens would silently cap concurrency).
+    vLLM also refuses `max_num_batched_tokens < max_model_len` when chunked prefill is off;
+    slosim does not (our design): such a replica refuses, at arrival, each request whose
+    prompt could need an unchunked step larger than the budget (`Replica.can_ever_fit`,
+    reason `exceeds_max_num_batched_tokens`) and serves the rest."""
 
     max_num_seqs: int = 256
     """Most requests in one step's batch."""
@@ -34,8 +43,15 @@ class EngineLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
-            if getattr(self, name) < 1:
-                raise InputError("engine limit must be an integer >= 1", field=name, value=getattr(self, name))
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise InputError("engine limit must be an integer >= 1", field=name, value=value)
+            object.__setattr__(self, name, int(value))
+        if not isinstance(self.enable_chunked_prefill, bool):
+            raise InputError("must be true or false", field="enable_chunked_prefill", value=self.enable_chunked_prefill)
+        if self.max_num_batched_tokens < self.max_num_seqs:  # vLLM SchedulerConfig.verify_max_model_len
+            raise InputError(f"must be >= max_num_seqs ({self.max_num_seqs}), as vLLM requires",
+                             field="max_num_batched_tokens", value=self.max_num_batched_tokens)
 
 
 class StepPlan:

@@ -87,7 +87,7 @@ def test_an_urgent_arrival_overtakes_a_running_lax_prefill_at_the_next_chunk():
     # arriving at 0.5 takes the next step's budget before the lax prefill continues.
     slo = tiers(lax={"ttft_s": 100.0}, urgent={"ttft_s": 5.0})
     rows = [(0.0, 40, 1, "lax"), (0.5, 10, 1, "urgent")]
-    res = run(rows, lambda: EDF(slo), max_num_batched_tokens=10)
+    res = run(rows, lambda: EDF(slo), max_num_batched_tokens=10, max_num_seqs=10)
     r = res.requests.set_index("request_id")
     assert r.loc[1, "first_token_s"] == 2.0  # step [1, 2)
     assert r.loc[0, "first_token_s"] == 5.0  # 10 tokens in [0,1), then 3 more steps after the urgent one
@@ -282,7 +282,8 @@ def test_niyama_chunk_never_exceeds_the_token_budget(wl, budget, kv, low_kv):
         made.append(RecordingNiyama(slo, low_kv_free_tokens=low_kv))
         return made[-1]
 
-    spec = ReplicaSpec(published(), factory, EngineLimits(max_num_batched_tokens=budget, max_model_len=8000),
+    spec = ReplicaSpec(published(), factory, EngineLimits(max_num_batched_tokens=budget, max_num_seqs=min(budget, 256),
+                                                          max_model_len=8000),
                        num_kv_blocks=kv, block_size=16)
     res = simulate(wl, [spec], RoundRobin(), check_plans=True)
     assert (res.requests["outcome"] != "unfinished").all()

@@ -18,7 +18,7 @@ from tests.helpers import run_simple
 def test_two_requests_decode_first_then_chunked_prefill(ff):
     # R0 (10-token prompt) prefills in step [0,1); R1 arrives at 0.5 and is chunked into the
     # budget left after R0's decode: 15 tokens in [1,2), 5 in [2,3).
-    res = run_simple([(0.0, 10, 3), (0.5, 20, 2)], max_num_batched_tokens=16, fast_forward=ff)
+    res = run_simple([(0.0, 10, 3), (0.5, 20, 2)], max_num_batched_tokens=16, max_num_seqs=16, fast_forward=ff)
     r = res.requests.set_index("request_id")
     assert r.loc[0, "first_token_s"] == 1.0 and r.loc[0, "finish_s"] == 3.0
     assert r.loc[1, "first_scheduled_s"] == 1.0
@@ -31,7 +31,7 @@ def test_two_requests_decode_first_then_chunked_prefill(ff):
 
 
 def test_long_prompt_is_chunked_to_the_budget():
-    res = run_simple([(0.0, 40, 1)], max_num_batched_tokens=16)
+    res = run_simple([(0.0, 40, 1)], max_num_batched_tokens=16, max_num_seqs=16)
     assert res.steps["num_prefill_tokens"].tolist() == [16, 16, 8]
     assert res.requests.loc[0, "first_token_s"] == 3.0
     assert res.requests.loc[0, "finish_s"] == 3.0  # one output token: done at the first token
@@ -40,7 +40,7 @@ def test_long_prompt_is_chunked_to_the_budget():
 def test_without_chunked_prefill_a_long_prompt_waits_for_a_full_budget():
     # R1's 12-token prompt does not fit beside R0's decode in a 12-token budget, so it waits
     # until R0 finishes (vLLM without chunked prefill).
-    res = run_simple([(0.0, 4, 3), (0.1, 12, 1)], max_num_batched_tokens=12, enable_chunked_prefill=False)
+    res = run_simple([(0.0, 4, 3), (0.1, 12, 1)], max_num_batched_tokens=12, max_num_seqs=12, enable_chunked_prefill=False)
     r = res.requests.set_index("request_id")
     assert r.loc[0, "finish_s"] == 3.0
     assert r.loc[1, "first_scheduled_s"] == 3.0 and r.loc[1, "finish_s"] == 4.0
