@@ -13,13 +13,20 @@ to its tokens (both exact; `fast_forward=False` turns them off for comparison):
   many decode steps at once in closed form until the next event that could change the
   batch: a completion, a KV shortage, or an arrival (which wakes it; the step in flight
   then finishes, exactly as it would step by step).
+
+Ties: every step ends with a `StepEnd` event, which SimPy processes after any other event
+due at the same instant. So an arrival at the exact end of a step is queued before the next
+step is planned, and a horizon at the exact end of a step ends the run before that step
+completes, whatever the order in which the events were created; both execution modes
+schedule step ends at the same absolute times, so they agree on every tie.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections import deque
 from functools import partial
+from heapq import heappush
 from typing import Callable
 
 import numpy as np
@@ -33,8 +40,29 @@ from sim.scheduling import BatchPolicy, EngineLimits, StepContext, StepPlan
 from sim.steplog import StepLog
 
 
-class PlanError(RuntimeError):
-    """A batch policy returned a plan that breaks the engine's invariants (a policy bug)."""
+class PlanError(Exception):
+    """A batch policy returned a plan that breaks the engine's invariants (a policy bug).
+    Not a RuntimeError, so `simulate` does not mistake it for a stalled event queue."""
+
+
+STEP_END_PRIORITY = 2
+"""SimPy priority of step ends: after URGENT (0) and NORMAL (1) events at the same time."""
+
+
+class StepEnd(simpy.events.Event):
+    """A timeout that fires at the absolute time `at_s`, after every other kind of event due
+    then (see the module docstring on ties). Absolute, so that a fast-forward chunk and the
+    steps it stands for end at bit-identical times (`now + (t - now)` may differ from `t`)."""
+
+    __slots__ = ()
+
+    def __init__(self, env: simpy.Environment, at_s: float) -> None:
+        # as simpy.events.Timeout.__init__, scheduled at an absolute time and a later priority
+        self.env = env
+        self.callbacks = []
+        self._value = None
+        self._ok = True
+        heappush(env._queue, (at_s, STEP_END_PRIORITY, next(env._eid), self))
 
 
 class Replica:
@@ -96,11 +124,19 @@ class Replica:
 
     # ----------------------------------------------------------------- arrivals
     def can_ever_fit(self, request: Request) -> str:
-        """Why `request` can never run here ('' if it can)."""
-        if request.num_prompt_tokens + request.num_output_tokens > self.limits.max_model_len:
+        """Why `request` can never run here ('' if it can): longer than `max_model_len`
+        (vLLM refuses it too); more KV blocks at its largest than the replica has; or, with
+        chunked prefill off, a step larger than `max_num_batched_tokens` at its largest (a
+        recompute after preemption computes prompt + output so far in one step, at most
+        `max_tokens_needed`). The last is our design: vLLM instead refuses the whole
+        configuration when `max_num_batched_tokens < max_model_len` (see `EngineLimits`)."""
+        limits = self.limits
+        if request.num_prompt_tokens + request.num_output_tokens > limits.max_model_len:
             return "exceeds_max_model_len"
         if self.kv.blocks_for(request.max_tokens_needed) > self.kv.num_blocks:
             return "exceeds_kv_capacity"
+        if not limits.enable_chunked_prefill and request.max_tokens_needed > limits.max_num_batched_tokens:
+            return "exceeds_max_num_batched_tokens"
         return ""
 
     def submit(self, request: Request) -> None:
@@ -119,11 +155,12 @@ class Replica:
 
     @property
     def num_outstanding_tokens(self) -> int:
-        """Tokens still to compute for the requests this replica holds, as of now."""
+        """Tokens still to compute for the requests this replica holds, as of now (a step
+        ending exactly now has not completed yet: arrivals come first)."""
         ff = self._ff
         if ff is None:
             return self._outstanding_tokens
-        return self._outstanding_tokens - ff[4] * bisect_right(ff[0], self.env.now)
+        return self._outstanding_tokens - ff[4] * bisect_left(ff[0], self.env.now)
 
     # ------------------------------------------------------- running requests
     @property
@@ -204,7 +241,7 @@ class Replica:
                 dur = self._decode_step_time(n)(decode_ctx)
                 kv_used = kv.num_used_blocks
                 num_waiting = len(waiting)
-                yield env.timeout(dur)
+                yield StepEnd(env, start + dur)
                 log_step(start, dur, 0, 0, n, decode_ctx, n, kv_used, num_waiting)
                 self._advance_group(1, env.now)
                 continue
@@ -230,7 +267,7 @@ class Replica:
             dur = step_time_s(num_prefill, prefill_ctx, num_decodes, decode_ctx, batch)
             kv_used = kv.num_used_blocks
             num_waiting = len(waiting)
-            yield env.timeout(dur)
+            yield StepEnd(env, start + dur)
             log_step(start, dur, num_prefill, prefill_ctx, num_decodes, decode_ctx, batch, kv_used, num_waiting)
             self._advance(plan, env.now)
             # Every running request now decodes in the group and nothing waits: by the
@@ -374,7 +411,7 @@ class Replica:
                 durs.append(d)
                 ends.append(t)
             self._ff = (ends, durs, t0, ctx_sum + n * done, n, num_waiting, done == 0)
-            self._ff_event = env.timeout(t - env.now)
+            self._ff_event = StepEnd(env, t)
             yield self._ff_event
             self._ff_event = None
             if self._ff_cut:
@@ -430,7 +467,7 @@ class Replica:
         proc = self.process
         self._ff_event.callbacks.remove(proc._resume)
         self._ff_event = None
-        wake = env.timeout(ends[m - 1] - env.now)
+        wake = StepEnd(env, ends[m - 1])
         wake.callbacks.append(proc._resume)
         proc._target = wake
 
@@ -459,10 +496,11 @@ class Replica:
         self._retire(end_s, False)
 
     def flush(self, horizon_s: float) -> None:
-        """At the end of a run: apply fast-forwarded steps that ended by the horizon, and
+        """At the end of a run: apply fast-forwarded steps that ended before the horizon (one
+        ending exactly at it had not completed when the run stopped, as step by step), and
         bring every request object up to date."""
         if self._ff is not None:
-            m = bisect_right(self._ff[0], horizon_s)
+            m = bisect_left(self._ff[0], horizon_s)
             if m > 0:
                 self._apply_fast_forward(m)
             self._ff = None
