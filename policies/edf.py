@@ -1,11 +1,16 @@
 """Earliest-deadline-first batching, and the priority-ordered step EDF, SRPF and Niyama share.
 
-Each step schedules the running decodes first (one token each, in admission order; when KV
-blocks run short the least urgent running prefill goes first, then the most recently
-admitted decode, preempted for recompute). The token budget left then goes to prefill
-chunks in priority order over running prefills and waiting requests alike, so a newly
-arrived urgent prompt overtakes a half-done lax one at the next chunk. No request is
-admitted in a step that preempted (as vLLM). EDF's priority is the absolute first-token
+Each step schedules the running decodes first (one token each, in admission order), then
+gives the token budget left to prefill chunks in priority order over running prefills and
+waiting requests alike, so a newly arrived urgent prompt overtakes a half-done lax one at
+the next chunk. When a running request cannot get KV blocks, the running request with the
+largest key (the least urgent, decode or prefill) is preempted for recompute and its tokens
+this step, if any, are taken back, until the blocks fit; if the least urgent is the request
+itself, it is preempted and the step schedules nothing more (`Victims`: vLLM's priority
+scheduler). A waiting request never preempts: one that does not fit stops admissions
+(head-of-line, as vLLM) while running prefills still get their chunks, and no waiting
+request is admitted after a preemption in the step. So a step schedules or preempts
+something whenever the replica holds a request. EDF's priority is the absolute first-token
 deadline `arrival + first-token deadline` of the request's QoS tier (see `sim.qos`).
 
 A waiting request's key does not change while it waits, so each policy keeps the waiting
@@ -18,11 +23,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 from collections import deque
+from operator import itemgetter
 from typing import Callable
 
-from policies.common import continue_running
+from policies.common import fits_unchunked
+from sim.kvcache import KVCache
 from sim.qos import QoS
 from sim.request import Request
 from sim.scheduling import StepContext, StepPlan
@@ -31,13 +37,30 @@ PriorityKey = Callable[[Request], tuple]
 """Smaller keys are served first; keys end in (arrival_s, request_id) so ties break deterministically."""
 
 
-def assign_deadline(req: Request, qos: QoS) -> float:
-    """The request's absolute first-token deadline, stored in `req.deadline_s` on first use."""
-    d = req.deadline_s
-    if d == math.inf:
-        d = req.arrival_s + qos.first_token_deadline_s(req.qos_class, req.num_output_tokens)
-        req.deadline_s = d
-    return d
+class Deadlines:
+    """Absolute first-token deadlines, `arrival + the tier's first-token deadline` (inf
+    without one; see `sim.qos`), computed once per request. The request table's `deadline_s`
+    is written when a policy first admits the request (`record`), not when it first looks at
+    it: how often a policy sees a waiting request depends on the execution mode (fast-forward
+    skips steps whose plan is known), what it admits does not."""
+
+    __slots__ = ("qos", "_by_id")
+
+    def __init__(self, qos: QoS) -> None:
+        self.qos = qos
+        self._by_id: dict[int, float] = {}
+
+    def __call__(self, req: Request) -> float:
+        d = self._by_id.get(id(req))
+        if d is None:
+            d = req.arrival_s + self.qos.first_token_deadline_s(req.qos_class, req.num_output_tokens)
+            self._by_id[id(req)] = d
+        return d
+
+    def record(self, admitted: list[Request]) -> None:
+        """Write the deadlines of requests admitted this step into `req.deadline_s`."""
+        for req in admitted:
+            req.deadline_s = self(req)
 
 
 class WaitingHeap:
@@ -133,46 +156,104 @@ def fast_step(ctx: StepContext, tracker: PrefillTracker, token_budget: int, *, p
     return plan
 
 
-def decode_first(ctx: StepContext, plan: StepPlan, token_budget: int, key: PriorityKey) -> tuple[list[tuple], int]:
-    """Schedule running decodes (one token each, at most `token_budget` of them), preempting
-    when KV blocks run short; return the running prefills still held as (key, request),
-    most urgent first, and how many requests were running at the start of the step."""
-    decodes, prefills = [], []
-    running = ctx.running
-    for r in running:
+class Victims:
+    """The running requests still holding KV blocks this step, by key. When a running request
+    cannot get blocks, the one with the largest key is preempted (recompute), as in vLLM's
+    priority scheduler (`max(running, key=(priority, arrival_time))`), and its tokens this
+    step, if it was already scheduled, go back to the budget. Requests admitted this step are
+    never victims: prefills are served in key order, so whoever asks for blocks has a larger
+    key than every request admitted before it, and is itself a candidate."""
+
+    __slots__ = ("by_key", "gone")
+
+    def __init__(self, keyed: list[tuple[tuple, Request]]) -> None:
+        self.by_key = sorted(keyed, key=itemgetter(0))
+        """(key, request) of the running requests not preempted yet, most urgent first."""
+        self.gone: set[int] = set()
+        """ids of the requests preempted this step."""
+
+    def allocate(self, kv: KVCache, plan: StepPlan, req: Request, num_new_tokens: int) -> int:
+        """Reserve blocks for running request `req` to compute `num_new_tokens` more, preempting
+        the least urgent running requests until they fit. Returns the tokens given back by
+        victims already scheduled this step, or -1 if `req` itself was the least urgent (it is
+        then preempted and nothing was reserved)."""
+        returned = 0
+        while not kv.allocate(req, num_new_tokens):
+            victim = self.by_key.pop()[1]
+            kv.free(victim)
+            plan.preempted.append(victim)
+            self.gone.add(id(victim))
+            if victim is req:
+                return -1
+            returned += _unschedule(plan, victim)
+        return returned
+
+
+def _unschedule(plan: StepPlan, req: Request) -> int:
+    """Take `req` out of the plan's scheduled requests; its tokens (0 if it was not there)."""
+    for i, r in enumerate(plan.scheduled):
+        if r is req:
+            del plan.scheduled[i]
+            return plan.num_new_tokens.pop(i)
+    return 0
+
+
+def decode_first(ctx: StepContext, plan: StepPlan, token_budget: int,
+                 key: PriorityKey) -> tuple[list[tuple], Victims | None]:
+    """Schedule running decodes (one token each, in admission order, at most `token_budget`
+    of them), preempting the least urgent running request when KV blocks run short (see
+    `Victims`). Returns the running prefills still held as (key, request), most urgent
+    first, and the victims for the prefill pass; (`[]`, None) if a decode was itself the
+    least urgent: the step then schedules nothing more (vLLM stops at such a request)."""
+    keyed, decodes = [], []
+    for r in ctx.running:
+        keyed.append((key(r), r))
         if r.num_prompt_tokens + r.num_output_done - r.num_computed_tokens == 1:
             decodes.append(r)
-        else:
-            prefills.append((key(r), r))
-    if len(prefills) > 1:
-        prefills.sort(key=lambda kr: kr[0])
-    if decodes and token_budget > 0:
-        # Victims come from the end of this list: the least urgent prefill first.
-        continue_running(ctx, plan, min(len(decodes), token_budget), running=decodes + [r for _, r in prefills])
-        if plan.preempted:
-            gone = {id(r) for r in plan.preempted}
-            prefills = [kr for kr in prefills if id(kr[1]) not in gone]
-    return prefills, len(running)
+    victims = Victims(keyed)
+    kv = ctx.kv
+    left = token_budget
+    for r in decodes:
+        if left <= 0:
+            break
+        if plan.preempted and id(r) in victims.gone:
+            continue
+        returned = victims.allocate(kv, plan, r, 1)
+        if returned < 0:
+            return [], None
+        plan.scheduled.append(r)
+        plan.num_new_tokens.append(1)
+        left += returned - 1
+    prefills = [kr for kr in victims.by_key
+                if kr[1].num_prompt_tokens + kr[1].num_output_done - kr[1].num_computed_tokens > 1]
+    return prefills, victims
 
 
 def schedule_prefills(ctx: StepContext, plan: StepPlan, token_budget: int, running_prefills: list[tuple],
-                      num_running: int, queue: WaitingHeap,
+                      victims: Victims | None, queue: WaitingHeap,
                       should_relegate: Callable[[Request], bool] | None = None) -> int:
-    """Give prefill chunks to running prefills and waiting requests in key order while the
-    budget, free sequence slots and KV blocks allow; stop at the first that does not fit in
-    KV (head-of-line, as vLLM). No waiting request is admitted in a step that preempted.
+    """Give prefill chunks to running prefills (`running_prefills`, from `decode_first`) and
+    waiting requests in key order while the budget, free sequence slots and KV blocks allow.
+    A running prefill short of blocks preempts the least urgent running request (`victims`);
+    if that is itself, the step schedules nothing more. A waiting request short of blocks, or
+    too long for the budget with chunked prefill off (unless it may run alone,
+    `fits_unchunked`), stops admissions (head-of-line, as vLLM); running prefills go on. No
+    waiting request is admitted after a preemption in the step.
 
     With `should_relegate`, a waiting request never scheduled before and not yet relegated
     for which it returns True is relegated: flagged, reported in `plan.relegated` and
     re-queued under its new key (which sorts behind every non-relegated request); it may
     still be served this step. Returns the budget left."""
-    free_seqs = ctx.limits.max_num_seqs - (num_running - len(plan.preempted))
-    allow_waiting = not plan.preempted and free_seqs > 0
-    chunked = ctx.limits.enable_chunked_prefill
+    limits = ctx.limits
+    free_seqs = limits.max_num_seqs - ctx.num_running
+    chunked = limits.enable_chunked_prefill
     kv = ctx.kv
+    allow_waiting = True
     i = 0
     while token_budget > 0:
         rk = running_prefills[i][0] if i < len(running_prefills) else None
+        if allow_waiting and (plan.preempted or len(plan.admitted) >= free_seqs):
+            allow_waiting = False
         wk = queue.peek_key() if allow_waiting else None
         if rk is None and wk is None:
             break
@@ -180,6 +261,8 @@ def schedule_prefills(ctx: StepContext, plan: StepPlan, token_budget: int, runni
         if running:
             req = running_prefills[i][1]
             i += 1
+            if plan.preempted and id(req) in victims.gone:
+                continue
         else:
             req = queue.pop()
             if (should_relegate is not None and not req.relegated and req.num_computed_tokens == 0
@@ -191,24 +274,28 @@ def schedule_prefills(ctx: StepContext, plan: StepPlan, token_budget: int, runni
                 continue
         num_new = req.num_prompt_tokens + req.num_output_done - req.num_computed_tokens
         if num_new > token_budget:
-            if not chunked:
+            if chunked:
+                num_new = token_budget
+            elif not fits_unchunked(ctx, plan, num_new):
                 if not running:
                     queue.push(req)
+                    allow_waiting = False
+                continue
+        if running:
+            returned = victims.allocate(kv, plan, req, num_new)
+            if returned < 0:
                 break
-            num_new = token_budget
-        if not kv.allocate(req, num_new):
-            if not running:
-                queue.push(req)
-            break
+            token_budget += returned
+        elif not kv.allocate(req, num_new):
+            queue.push(req)
+            allow_waiting = False
+            continue
         plan.scheduled.append(req)
         plan.num_new_tokens.append(num_new)
         token_budget -= num_new
         if not running:
             plan.admitted.append(req)
-            free_seqs -= 1
-            if free_seqs == 0:
-                allow_waiting = False
-    return token_budget
+    return max(token_budget, 0)
 
 
 class PriorityBatching:
@@ -241,15 +328,15 @@ class PriorityBatching:
             if left is not None:
                 if left > 0:
                     self.queue.sync(ctx.waiting)
-                    schedule_prefills(ctx, plan, left, [], ctx.num_running, self.queue)
+                    schedule_prefills(ctx, plan, left, [], None, self.queue)
                 self.prefills.note(plan)
                 return plan
         plan = StepPlan()
         self.queue.sync(ctx.waiting)
-        prefills, num_running = decode_first(ctx, plan, budget, self.key)
+        prefills, victims = decode_first(ctx, plan, budget, self.key)
         budget -= len(plan.scheduled)
-        if budget > 0:
-            schedule_prefills(ctx, plan, budget, prefills, num_running, self.queue)
+        if victims is not None and budget > 0:
+            schedule_prefills(ctx, plan, budget, prefills, victims, self.queue)
         self.queue.note_preempted(plan.preempted)
         self.prefills.note(plan)
         return plan
@@ -262,7 +349,14 @@ class EDF(PriorityBatching):
     def __init__(self, slo: object = None, token_budget: int | None = None) -> None:
         self.qos = QoS.from_config(slo)
         """Tiers the deadlines come from (an slo config: `classes: {name: {ttft_s, tbt_s, e2e_s}}`)."""
+        self.deadline = Deadlines(self.qos)
         super().__init__(token_budget)
 
     def key(self, req: Request) -> tuple:
-        return (assign_deadline(req, self.qos), req.arrival_s, req.request_id)
+        return (self.deadline(req), req.arrival_s, req.request_id)
+
+    def schedule(self, ctx: StepContext) -> StepPlan:
+        plan = super().schedule(ctx)
+        if plan.admitted:
+            self.deadline.record(plan.admitted)
+        return plan

@@ -22,11 +22,14 @@ class FCFS:
         if token_budget is not None and token_budget < 1:
             raise ValueError(f"FCFS: token_budget must be >= 1 or None, got {token_budget}")
         self.token_budget = token_budget
-        """Tokens per step; None means the replica's `max_num_batched_tokens`."""
+        """Tokens per step; None (or more than the replica's `max_num_batched_tokens`) means
+        the replica's `max_num_batched_tokens`."""
 
     def schedule(self, ctx: StepContext) -> StepPlan:
         plan = StepPlan()
-        budget = self.token_budget or ctx.limits.max_num_batched_tokens
+        budget = ctx.limits.max_num_batched_tokens
+        if self.token_budget is not None and self.token_budget < budget:  # never above the engine's limit
+            budget = self.token_budget
         budget = continue_running(ctx, plan, budget)
         if not plan.preempted and ctx.waiting:
             admit_waiting(ctx, plan, budget)

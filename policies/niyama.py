@@ -23,8 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from policies.edf import (PrefillTracker, WaitingHeap, assign_deadline, decode_first, fast_step,
-                          schedule_prefills)
+from policies.edf import Deadlines, PrefillTracker, WaitingHeap, decode_first, fast_step, schedule_prefills
 from sim.costmodel import CostModel
 from sim.errors import InputError
 from sim.qos import QoS
@@ -120,6 +119,8 @@ class Niyama:
         self.relegable_share = None if relegable_share is None else float(relegable_share)
         """Only this share of requests (a seeded draw per request id) may be relegated. Our design."""
         self.relegable_seed = int(relegable_seed)
+        self.deadline = Deadlines(self.qos)
+        """First-token deadlines (`deadline_s` written at first admission)."""
         self.queue = WaitingHeap(self.key)
         self.prefills = PrefillTracker()
         self._tbt = {name: tier.decode_target_s for name, tier in self.qos.tiers.items()}
@@ -138,9 +139,7 @@ class Niyama:
 
     # ------------------------------------------------------------------ keys
     def key(self, req: Request) -> tuple:
-        d = req.deadline_s
-        if d == math.inf:
-            d = assign_deadline(req, self.qos)
+        d = self.deadline(req)
         if self.hybrid_priority:
             d += self.alpha_s_per_token * (req.num_prompt_tokens + req.num_output_done - req.num_computed_tokens)
         return (req.relegated, d, req.arrival_s, req.request_id)
@@ -156,9 +155,9 @@ class Niyama:
         self.queue.sync(ctx.waiting)
         if self.prefill_tps is None:
             self.prefill_tps = self._initial_prefill_tps(ctx)
-        prefills, num_running = decode_first(ctx, plan, step_cap, self.key)
+        prefills, victims = decode_first(ctx, plan, step_cap, self.key)
         num_decodes = len(plan.scheduled)
-        if prefills or (self.queue and not plan.preempted):
+        if victims is not None and (prefills or (self.queue and not plan.preempted)):
             if self.dynamic_chunking:
                 # Prefill context of the most urgent candidate (a waiting one has computed nothing).
                 wk = None if plan.preempted else self.queue.peek_key()
@@ -168,10 +167,12 @@ class Niyama:
                 total = step_cap
             budget = total - num_decodes
             if budget > 0:
-                schedule_prefills(ctx, plan, budget, prefills, num_running, self.queue,
+                schedule_prefills(ctx, plan, budget, prefills, victims, self.queue,
                                   self._should_relegate(ctx.now) if self.relegation else None)
         self.queue.note_preempted(plan.preempted)
         self.prefills.note(plan)
+        if plan.admitted:
+            self.deadline.record(plan.admitted)
         self._observe(ctx, plan)
         return plan
 
@@ -186,9 +187,7 @@ class Niyama:
             tbt = tbt_of.get(req.qos_class)
             if tbt is None:
                 continue
-            deadline = req.deadline_s
-            if deadline == math.inf:
-                deadline = assign_deadline(req, self.qos)
+            deadline = self.deadline(req)
             first = req.first_token_s if req.first_token_s > deadline else deadline
             slack = first + tbt * req.num_output_done - now
             if slack < min_slack:
@@ -203,10 +202,10 @@ class Niyama:
 
     # ------------------------------------------------------------ relegation
     def _should_relegate(self, now: float):
-        qos = self.qos
+        deadline_of = self.deadline
 
         def check(req: Request) -> bool:
-            deadline = req.deadline_s if req.deadline_s != math.inf else assign_deadline(req, qos)
+            deadline = deadline_of(req)
             remaining = req.num_prompt_tokens + req.num_output_done - req.num_computed_tokens
             return now + remaining / self.prefill_tps > deadline and self.may_relegate(req)
 
