@@ -18,7 +18,7 @@ left out of the rates (`capacity.count_rejected: false`); `true` counts them as 
 (the reproduction experiments do, as measured). The rate is set through
 `capacity.rate_key`: `auto` sets `target_qps` of a trace workload (`workload=trace`: the
 trace's own arrival pattern stretched to each rate, its requests unchanged) and
-`arrival.rate_qps` of a synthetic one or of `trace_workload` (the trace's lengths on
+`arrival.rate_qps` of a synthetic one or of `sim.workload.trace_workload` (the trace's lengths on
 Poisson arrivals, as the Niyama artifact does).
 
 A finite run hides overload that has not built up yet: a batch request violates only once
@@ -41,7 +41,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -51,73 +50,10 @@ from experiments.app import check_config, hydra_app, write_json
 from experiments.wiring import simulate_config
 from policies.siloed import splits as replica_splits
 from sim.errors import InputError
-from sim.paths import project_path
 from sim.qos import QoS, RULES, rates_from_violations, violations
-from sim.workload import ArrivalProcess, Workload, from_trace, make_requests
-from sim.workload.options import assign_qos_classes, plain, qos_probabilities, whole_number
+from sim.workload.options import plain, whole_number
 
 log = logging.getLogger(__name__)
-
-TRACE_HELP = (
-    "The Azure LLM inference traces 2023 (CC-BY 4.0) are AzureLLMInferenceTrace_code.csv and "
-    "AzureLLMInferenceTrace_conv.csv in the data/ folder of the Azure/AzurePublicDataset repository "
-    "on GitHub; put them in ../shared/traces/ beside the project (the default) or set workload.path=<file>."
-)
-
-
-# ---------------------------------------------------------------- workload
-
-
-_TRACE_CACHE: dict[tuple[str, float, str], Workload] = {}
-
-
-def _trace_rows(path: str, format: str) -> Workload:  # noqa: A002 - the loader's keyword
-    file = project_path(path)
-    if not file.exists():
-        raise InputError(f"trace file not found. {TRACE_HELP}", path=file, field="workload.path")
-    key = (str(file), file.stat().st_mtime, format)
-    if key not in _TRACE_CACHE:
-        _TRACE_CACHE.clear()
-        _TRACE_CACHE[key] = from_trace(str(file), format=format)
-    return _TRACE_CACHE[key]
-
-
-def trace_workload(
-    *,
-    path: str,
-    arrival: dict,
-    num_requests: int | None = None,
-    duration_s: float | None = None,
-    qos_shares: dict[str, float] | None = None,
-    seed: int = 0,
-    format: str = "auto",  # noqa: A002
-    model: str = "",
-) -> Workload:
-    """A trace's (prompt, output) length pairs, drawn jointly with replacement, on a synthetic
-    arrival process (the Niyama artifact's setup: trace lengths, Poisson arrivals at a QPS).
-    Give exactly one of `num_requests` and `duration_s`. Independent streams spawned from
-    `seed` draw the arrivals' unit gaps, the rows and the QoS classes, so at every rate the
-    same seed gives the same requests with arrival times scaled."""
-    process = ArrivalProcess.from_config(arrival)
-    if (num_requests is None) == (duration_s is None):
-        raise InputError("give exactly one of num_requests and duration_s", field="workload.num_requests",
-                         value=(num_requests, duration_s))
-    qos_probabilities(qos_shares)
-    trace = _trace_rows(path, format)
-    rows = trace.requests
-    arrival_rng, row_rng, qos_rng = np.random.default_rng(int(seed)).spawn(3)
-    arrival_s = process.sample(arrival_rng, num_requests=num_requests, duration_s=duration_s)
-    picks = row_rng.integers(0, len(rows), size=len(arrival_s))
-    trace_classes = rows["qos_class"].to_numpy()[picks]
-    drawn = assign_qos_classes(len(arrival_s), plain(qos_shares), qos_rng)
-    classes = drawn if qos_shares is not None else trace_classes  # a class from the trace wins without shares
-    requests = make_requests(arrival_s, rows["num_prompt_tokens"].to_numpy()[picks],
-                             rows["num_output_tokens"].to_numpy()[picks], model, classes)
-    lines = None if trace.source_lines is None or qos_shares is not None else trace.source_lines[picks]
-    return Workload(requests=requests, source=f"trace lengths {path} on {process.describe()}, seed={seed}",
-                    num_filtered=dict(trace.num_filtered), source_path=trace.source_path if lines is not None else None,
-                    source_lines=lines)
-
 
 # ---------------------------------------------------------------- settings
 
@@ -153,7 +89,7 @@ class CapacitySettings:
     rate_key: str = "auto"
     """Field of the workload config set to each rate; "auto": `target_qps` for a trace
     (`sim.workload.from_trace`: its own arrival pattern rescaled to the rate), else
-    `arrival.rate_qps` (synthetic arrivals, `trace_workload`)."""
+    `arrival.rate_qps` (synthetic arrivals, `sim.workload.trace_workload`)."""
     jobs: int = 1
     """Variants searched in parallel processes (the machine's other users share its cores)."""
 

@@ -1,4 +1,4 @@
-"""Capacity search: the bracketing/bisection logic, the trace workload, the app, and short
+"""Capacity search: the bracketing/bisection logic, the app, and short
 versions of the three reproduction experiments (the ordering FCFS < EDF < Niyama)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from hydra.utils import instantiate
 
 from experiments.capacity import (CapacitySettings, explain_status, run_capacity, score, search_capacity,
-                                 trace_workload, variant_configs, workload_rate_key)
+                                 variant_configs, workload_rate_key)
 from experiments.reproduce import compose_part, reproduce
 from sim.errors import InputError
 from sim.paths import PROJECT_ROOT
@@ -63,24 +63,6 @@ def test_a_sustainability_limit_fails_rates_whose_backlog_outlasts_it():
 def test_bad_capacity_settings_are_input_errors(bad):
     with pytest.raises(InputError):
         CapacitySettings(**{k: tuple(v) if k == "seeds" else v for k, v in bad.items()})
-
-
-@needs_traces
-def test_trace_workload_keeps_the_requests_and_scales_the_arrivals():
-    kw = dict(path=str(CODE), num_requests=500, qos_shares={"a": 1, "b": 1}, seed=3)
-    slow = trace_workload(arrival={"kind": "poisson", "rate_qps": 1.0}, **kw).requests
-    fast = trace_workload(arrival={"kind": "poisson", "rate_qps": 4.0}, **kw).requests
-    for col in ("num_prompt_tokens", "num_output_tokens", "qos_class"):
-        assert slow[col].tolist() == fast[col].tolist()
-    np.testing.assert_allclose(slow["arrival_s"] / 4.0, fast["arrival_s"])
-    assert set(slow["qos_class"]) == {"a", "b"}
-    other = trace_workload(arrival={"kind": "poisson", "rate_qps": 1.0}, **{**kw, "seed": 4}).requests
-    assert other["num_prompt_tokens"].tolist() != slow["num_prompt_tokens"].tolist()
-
-
-def test_a_missing_trace_says_how_to_get_it(tmp_path):
-    with pytest.raises(InputError, match="AzurePublicDataset"):
-        trace_workload(path=str(tmp_path / "nope.csv"), arrival={"kind": "poisson", "rate_qps": 1.0}, num_requests=5)
 
 
 def test_capacity_app_writes_json_points_and_plot(tmp_path):

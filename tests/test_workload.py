@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from sim.errors import InputError
 from sim.paths import PROJECT_ROOT
-from sim.workload import COLUMNS, ArrivalProcess, Workload, from_trace, make_requests, synthetic
+from sim.workload import COLUMNS, ArrivalProcess, Workload, from_trace, make_requests, synthetic, trace_workload
 
 TRACES = PROJECT_ROOT.parent / "shared" / "traces"
 AZURE_CONV = TRACES / "AzureLLMInferenceTrace_conv.csv"
@@ -656,3 +656,31 @@ def test_fit_recovers_known_lognormal_parameters():
     # ks_distance: data {1, 2} against a point mass at 2 differs by 1/2 at k = 1
     assert ks_distance(np.array([1, 2]), np.array([0.0, 0.0, 1.0])) == 0.5
     assert discrete_cdf(300, 0.7, 5000)[-1] == 1.0
+
+
+# ---------------------------------------------------------------- trace lengths on synthetic arrivals
+
+
+def test_trace_workload_keeps_the_requests_and_scales_the_arrivals(tmp_path):
+    trace = tmp_path / "t.csv"
+    rng = np.random.default_rng(1)
+    pd.DataFrame({"arrival_s": np.arange(50.0), "num_prompt_tokens": rng.integers(1, 4000, 50),
+                  "num_output_tokens": rng.integers(1, 500, 50)}).to_csv(trace, index=False)
+    kw = dict(path=str(trace), num_requests=500, qos_shares={"a": 1, "b": 1}, seed=3)
+    slow = trace_workload(arrival={"kind": "poisson", "rate_qps": 1.0}, **kw).requests
+    fast = trace_workload(arrival={"kind": "poisson", "rate_qps": 4.0}, **kw).requests
+    for col in ("num_prompt_tokens", "num_output_tokens", "qos_class"):
+        assert slow[col].tolist() == fast[col].tolist()
+    np.testing.assert_allclose(slow["arrival_s"] / 4.0, fast["arrival_s"])
+    assert set(slow["qos_class"]) == {"a", "b"}
+    pairs = set(zip(pd.read_csv(trace)["num_prompt_tokens"], pd.read_csv(trace)["num_output_tokens"]))
+    assert set(zip(slow["num_prompt_tokens"], slow["num_output_tokens"])) <= pairs  # drawn jointly
+    other = trace_workload(arrival={"kind": "poisson", "rate_qps": 1.0}, **{**kw, "seed": 4}).requests
+    assert other["num_prompt_tokens"].tolist() != slow["num_prompt_tokens"].tolist()
+
+
+def test_a_missing_trace_says_how_to_get_it(tmp_path):
+    with pytest.raises(InputError, match="AzurePublicDataset"):
+        trace_workload(path=str(tmp_path / "nope.csv"), arrival={"kind": "poisson", "rate_qps": 1.0}, num_requests=5)
+    with pytest.raises(InputError, match="exactly one of num_requests and duration_s"):
+        trace_workload(path=str(tmp_path / "nope.csv"), arrival={"kind": "poisson", "rate_qps": 1.0})
