@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BASE   := $(VENV)/.installed-base
 FULL   := $(VENV)/.installed-full
 
-.PHONY: demo test bench bench-instructions reproduce validate clean
+.PHONY: demo test fuzz bench bench-instructions reproduce validate clean
 
 # The simulator and its apps (no torch, no vLLM).
 $(BASE): pyproject.toml
@@ -27,6 +27,11 @@ demo: $(BASE)
 
 test: $(FULL)
 	$(PY) -m pytest -q
+
+# The simulator's property tests with the deep `fuzz` hypothesis profile (tests/conftest.py):
+# 10,000 random scenarios, new ones each run (~10 minutes); docs/simulator.md, "Fuzzing"
+fuzz: $(FULL)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_sim_properties.py
 
 bench: $(BASE)
 	$(PY) -m experiments.bench
