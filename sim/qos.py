@@ -164,6 +164,11 @@ class QoS:
         return shares or None
 
 
+def needs_steps(qos: QoS) -> bool:
+    """Whether judging requests against `qos` needs the step table (some tier counts `tbt`)."""
+    return any("tbt" in t.violation for t in qos.tiers.values())
+
+
 def first_token_deadlines_s(requests: pd.DataFrame, qos: QoS) -> np.ndarray:
     """Per request: the first-token deadline after arrival (inf without one)."""
     return np.array([qos.first_token_deadline_s(c, int(o)) for c, o in

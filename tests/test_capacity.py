@@ -1,4 +1,4 @@
-"""Capacity search: the bracketing/bisection logic, the app, and short
+"""The capacity app (the search itself: tests/test_planner.py), and short
 versions of the three reproduction experiments (the ordering FCFS < EDF < Niyama)."""
 
 from __future__ import annotations
@@ -10,59 +10,15 @@ import pandas as pd
 import pytest
 from hydra.utils import instantiate
 
-from experiments.capacity import (CapacitySettings, explain_status, run_capacity, score, search_capacity,
-                                 variant_configs, workload_rate_key)
+from experiments.capacity import run_capacity, variant_configs, workload_rate_key
 from experiments.reproduce import compose_part, reproduce
+from planner.capacity import explain_status
 from sim.errors import InputError
 from sim.paths import PROJECT_ROOT
 
 TRACES = PROJECT_ROOT.parent / "shared" / "traces"
 CODE = TRACES / "AzureLLMInferenceTrace_code.csv"
 needs_traces = pytest.mark.skipif(not CODE.exists(), reason="../shared/traces (Azure LLM inference traces 2023) is absent")
-
-
-def test_search_brackets_bisects_and_interpolates():
-    calls = []
-
-    def violation(q):  # 0 up to 3 qps, then +10% per qps
-        calls.append(q)
-        return max(0.0, (q - 3.0) / 10.0)
-
-    s = CapacitySettings(qps_start=1.0, growth=2.0, rel_tol=0.01, max_points=30)
-    res = search_capacity(violation, s)
-    assert calls[:3] == [1.0, 2.0, 4.0]  # bracketing doubles until a rate fails
-    assert res["status"] == "ok"
-    assert res["lo_qps"] <= 3.1 < res["hi_qps"] and res["hi_qps"] / res["lo_qps"] - 1 <= 0.01
-    assert res["capacity_qps"] == pytest.approx(3.1, abs=1e-6)  # exact: linear between the bracket
-    assert [p["qps"] for p in res["points"]] == calls
-
-
-def test_search_shrinks_from_a_failing_start_and_reports_the_edges():
-    s = CapacitySettings(qps_start=8.0, growth=2.0, rel_tol=0.05, qps_min=0.5, qps_max=20.0)
-    res = search_capacity(lambda q: 0.0 if q <= 1.5 else 1.0, s)
-    assert res["points"][:3] == [{"qps": 8.0, "violation": 1.0}, {"qps": 4.0, "violation": 1.0},
-                                 {"qps": 2.0, "violation": 1.0}]
-    assert res["lo_qps"] <= 1.5 < res["hi_qps"] <= 1.5 * 1.05
-    assert res["lo_qps"] <= res["capacity_qps"] <= res["hi_qps"]
-    assert search_capacity(lambda q: 1.0, s)["status"] == "below_min"
-    top = search_capacity(lambda q: 0.0, s)
-    assert top["status"] == "above_max" and top["capacity_qps"] == 16.0
-
-
-def test_a_sustainability_limit_fails_rates_whose_backlog_outlasts_it():
-    plain = CapacitySettings(max_violation=0.01)
-    sustained = CapacitySettings(max_violation=0.01, max_drain_s=120.0)
-    assert score(0.002, 700.0, plain) == 0.002  # violations only: passes
-    assert score(0.002, 240.0, sustained) == pytest.approx(0.02)  # drain twice the limit: fails
-    assert score(0.002, 60.0, sustained) == pytest.approx(0.005)  # both within limits: passes
-    assert score(0.05, 10.0, sustained) == 0.05
-
-
-@pytest.mark.parametrize("bad", [{"rule": "median"}, {"max_violation": 1.5}, {"growth": 1.0},
-                                 {"qps_start": 0.01}, {"seeds": []}, {"max_drain_s": 0.0}])
-def test_bad_capacity_settings_are_input_errors(bad):
-    with pytest.raises(InputError):
-        CapacitySettings(**{k: tuple(v) if k == "seeds" else v for k, v in bad.items()})
 
 
 def test_capacity_app_writes_json_points_and_plot(tmp_path):
@@ -125,7 +81,9 @@ def test_the_rate_key_must_exist_in_the_workload():
         workload_rate_key(cfg.workload, "auto")
     assert workload_rate_key(compose_part("capacity", []).workload, "auto") == "arrival.rate_qps"
     with pytest.raises(InputError, match="capacity.seeds"):
-        CapacitySettings.from_config({"seeds": ["a"]})
+        run_capacity(compose_part("capacity", ["capacity.seeds=[a]"]))
+    with pytest.raises(InputError, match=r"capacity.jobs' = 0"):
+        run_capacity(compose_part("capacity", ["capacity.jobs=0"]))
 
 
 def test_capacity_json_nulls_read_back_as_undefined_rates():
