@@ -22,12 +22,13 @@ from typing import Any
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from experiments.app import check_config, check_workload, hydra_app, workload_config, write_json
 from experiments.wiring import replica_specs, simulate_config
 from sim.cluster import SimResult
 from sim.metrics import summarize
+from sim.qos import QoS
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,8 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, label: str = "") -> 
              ", ".join(sorted({f"{s.model_spec_name or s.model or '?'} on {s.hardware or '?'}" for s in replicas})),
              cfg.policy.get("_target_", "?"), cfg.router.get("_target_", "?"), cfg.sim.get("horizon_s"))
     result = simulate_config(cfg, workload.requests, replicas=replicas)
-    slos = OmegaConf.to_container(cfg.slo.classes, resolve=True) if cfg.get("slo") else None
-    summary = summarize(result.requests, result.steps, slos)
+    qos = QoS.from_config(cfg.slo) if cfg.get("slo") is not None else None
+    summary = summarize(result.requests, result.steps, qos)
     log.info("outcomes: %s; rejected by reason: %s; %d engine steps, %.1f s simulated", summary["outcomes"],
              summary["reject_reasons"] or "none", result.info["num_steps"], result.end_s)
     summary["workload"] = wl

@@ -9,18 +9,21 @@ Latency definitions (all in seconds, finished requests only unless stated):
 by (inf if none) and `relegated` whether it was relegated (served best effort, see sim.qos).
 Token times come from the step table: a request records the runs of step indices at whose
 end it emitted a token (`token_steps` = [a1, b1, a2, b2, ...]), so no per-token list is kept.
+Whether a request met its objectives is judged in one place, `sim.qos.violations`;
+`summarize` reports that judgement as SLO attainment and as violation rates.
 """
 
 from __future__ import annotations
 
 from itertools import chain
 from operator import attrgetter
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from sim.request import FINISHED, NOT_ARRIVED, OUTCOMES, REJECTED, Request
+from sim.qos import QoS, attainment_from_violations, needs_steps, rates_from_violations, violations
+from sim.request import FINISHED, OUTCOMES, REJECTED, Request
 
 PERCENTILES = (50, 90, 99)
 
@@ -205,46 +208,13 @@ def _pcts(x: pd.Series | np.ndarray) -> dict[str, float]:
     return {f"p{q}": float(v) for q, v in zip(PERCENTILES, vals)} | {"mean": float(x.mean())}
 
 
-def slo_attainment(requests: pd.DataFrame, slos: Mapping[str, Mapping[str, float]] | None) -> dict:
-    """Per QoS class: the share of requests meeting every objective given for it (`ttft_s`,
-    `tpot_s`, `tbt_max_s`, `e2e_s`); unfinished requests miss. Counted apart and left out of
-    `attainment`: rejected requests (the cluster can never serve them, e.g. longer than
-    max_model_len; `num_rejected`) and requests arriving after the horizon (`num_not_arrived`).
-    `attainment_counting_rejected` counts rejected requests as misses too. A class with no
-    request judged has attainment NaN."""
-    out: dict[str, dict] = {}
-    if not slos:
-        return out
-    for cls, obj in slos.items():
-        sel = requests[requests["qos_class"] == cls] if cls != "*" else requests
-        outcome = sel["outcome"].to_numpy()
-        rejected, not_arrived = outcome == REJECTED, outcome == NOT_ARRIVED
-        ok = outcome == FINISHED
-        for metric, limit in obj.items():
-            if limit is None or metric not in ("ttft_s", "tpot_s", "tbt_max_s", "e2e_s"):
-                continue
-            vals = sel[metric].to_numpy(dtype=float)
-            ok &= np.nan_to_num(vals, nan=0.0) <= float(limit) if metric in ("tpot_s", "tbt_max_s") else vals <= float(limit)
-        judged = ~rejected & ~not_arrived
-        num_judged, num_met = int(judged.sum()), int((ok & judged).sum())
-        num_served_or_rejected = num_judged + int(rejected.sum())
-        out[cls] = {
-            "num_requests": int(len(sel)),
-            "num_judged": num_judged,
-            "num_violations": num_judged - num_met,
-            "num_rejected": int(rejected.sum()),
-            "num_not_arrived": int(not_arrived.sum()),
-            "attainment": num_met / num_judged if num_judged else float("nan"),
-            "attainment_counting_rejected": (num_met / num_served_or_rejected if num_served_or_rejected
-                                             else float("nan")),
-            "objectives": {k: v for k, v in obj.items()},
-        }
-    return out
-
-
-def summarize(requests: pd.DataFrame, steps: pd.DataFrame, slos: Mapping | None = None) -> dict:
-    """The run's headline numbers: outcomes, latency percentiles, throughput, SLO attainment
-    (rejected requests counted apart from SLO misses). Percentiles of an empty set are NaN."""
+def summarize(requests: pd.DataFrame, steps: pd.DataFrame, qos: QoS | None = None) -> dict:
+    """The run's headline numbers: outcomes, latency percentiles, throughput and, with `qos`
+    (`sim.qos.QoS.from_config(slo)`), the one SLO judgement aggregated two ways: SLO
+    attainment per tier (`slo_attainment`) and violation rates (`violations`), rejected
+    requests counted apart from SLO misses in both. Percentiles of an empty set are NaN."""
+    if qos is not None and not isinstance(qos, QoS):
+        raise TypeError(f"summarize takes a sim.qos.QoS (QoS.from_config(slo)), not {type(qos).__name__}")
     fin = requests[requests["outcome"] == FINISHED]
     counts = requests["outcome"].value_counts().reindex(list(OUTCOMES), fill_value=0)
     reasons = requests.loc[requests["outcome"] == REJECTED, "reject_reason"].value_counts().to_dict()
@@ -277,16 +247,14 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame, slos: Mapping | None 
             "busy_s": busy,
         },
         "num_preemptions": int(requests["num_preemptions"].sum()),
-        "slo_attainment": slo_attainment(requests, slos),
-        "violations": _violations(requests, steps, slos),
+        **_slo(requests, steps, qos),
     }
 
 
-def _violations(requests: pd.DataFrame, steps: pd.DataFrame, slos: Mapping | None) -> dict:
-    """Per-tier and overall violation rates under the tiers' own rules (see sim.qos); rejected
-    requests are counted apart (`num_rejected`), not as violations."""
-    if not slos:
-        return {}
-    from sim.qos import QoS, violation_rates
-
-    return violation_rates(requests, QoS.from_config({"classes": slos}), steps, count_rejected=False)
+def _slo(requests: pd.DataFrame, steps: pd.DataFrame, qos: QoS | None) -> dict:
+    """`slo_attainment` and `violations` (rejected requests apart) from one `sim.qos.violations`."""
+    if qos is None or not qos.tiers:
+        return {"slo_attainment": {}, "violations": {}}
+    v = violations(requests, qos, steps if needs_steps(qos) else None)
+    return {"slo_attainment": attainment_from_violations(v, qos),
+            "violations": rates_from_violations(v, qos, count_rejected=False)}

@@ -1,4 +1,5 @@
-"""QoS tiers and violations: parsing, derived deadlines, per-tier rules, rolling rates."""
+"""QoS tiers and the one SLO system: parsing, derived deadlines, the per-request judgement and
+its aggregations (violation rates, SLO attainment, rolling rates)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from policies.routing import RoundRobin
 from sim.cluster import ReplicaSpec, simulate
 from sim.costmodel import ConstantCostModel
 from sim.errors import InputError
-from sim.metrics import slo_attainment, summarize
+from sim.metrics import summarize
 from sim.paths import PROJECT_ROOT
-from sim.qos import QoS, Tier, decode_deadline_misses, rule_value, violation_rates, violation_timeseries, violations
+from sim.qos import (QoS, Tier, attainment_from_violations, decode_deadline_misses, rates_from_violations, rule_value,
+                     violation_rates, violation_timeseries, violations)
 from sim.scheduling import EngineLimits
 
 
@@ -135,11 +137,13 @@ def test_slo_attainment_counts_rejected_and_not_arrived_requests_apart():
         ("t0", "rejected", nan, nan, nan, False),     # apart
         ("t0", "not_arrived", nan, nan, nan, False),  # apart
     ])
-    att = slo_attainment(req, {"t0": {"ttft_s": 2.0, "tpot_s": 0.1}})["t0"]
+    qos = QoS.from_config({"classes": {"t0": {"ttft_s": 2.0, "tpot_s": 0.1}}})
+    att = attainment_from_violations(violations(req, qos), qos)["t0"]
     assert (att["num_requests"], att["num_judged"], att["num_violations"]) == (5, 3, 2)
     assert (att["num_rejected"], att["num_not_arrived"]) == (1, 1)
     assert att["attainment"] == pytest.approx(1 / 3)
     assert att["attainment_counting_rejected"] == pytest.approx(1 / 4)
+    assert att["objectives"] == {"ttft_s": 2.0, "tpot_s": 0.1}
 
 
 def test_decode_deadlines_carry_the_slack_saved_on_prefill():
@@ -161,10 +165,13 @@ def test_summaries_report_violations_per_tier():
                        "qos_class": ["fast", "slow"]})
     spec = ReplicaSpec(ConstantCostModel(1.0), lambda: EDF(None), EngineLimits(max_num_seqs=1), num_kv_blocks=10)
     res = simulate(wl, [spec], RoundRobin())
-    s = summarize(res.requests, res.steps, {"fast": {"ttft_s": 1.5}, "slow": {"ttft_s": 1.5}})
+    s = summarize(res.requests, res.steps, QoS.from_config({"classes": {"fast": {"ttft_s": 1.5}, "slow": {"ttft_s": 1.5}}}))
     # one at a time: the first served has its first token at 1 s, the other at 3 s
     assert s["violations"]["tiers"]["fast"]["num_violations"] + s["violations"]["tiers"]["slow"]["num_violations"] == 1
     assert s["violations"]["overall"] == 0.5
+    assert sorted(a["attainment"] for a in s["slo_attainment"].values()) == [0.0, 1.0]
+    with pytest.raises(TypeError, match="QoS.from_config"):
+        summarize(res.requests, res.steps, {"fast": {"ttft_s": 1.5}})  # a bare classes mapping would judge nothing
 
 
 def test_rolling_violation_rate_by_arrival_time():
@@ -181,3 +188,80 @@ def test_tier_dataclass_validates():
     with pytest.raises(InputError):
         Tier("x", ttft_s=0.0)
     assert Tier("x", e2e_s=10.0, tbt_s=1.0).first_token_deadline_s(4) == 6.0
+
+
+def test_attainment_and_violation_rates_are_one_judgement_aggregated_twice():
+    nan = float("nan")
+    req = table([
+        ("t0", "finished", 5.9, 900.0, 1.0, False),
+        ("t0", "finished", 6.1, 7.0, 0.0, False),
+        ("t1", "finished", 1.0, 601.0, 0.1, True),
+        ("t1", "rejected", nan, nan, nan, False),
+        ("t1", "unfinished", nan, nan, nan, False),
+        ("t1", "not_arrived", nan, nan, nan, False),
+        ("mean", "finished", 1.0, 2.0, 0.05, False),
+    ])
+    v = violations(req, QOS)
+    att = attainment_from_violations(v, QOS)
+    rates = rates_from_violations(v, QOS, count_rejected=False)
+    for name in QOS.tiers:
+        assert att[name]["num_violations"] == rates["tiers"][name]["num_violations"]
+        assert att[name]["num_judged"] == rates["tiers"][name]["num_requests"]
+        assert att[name]["attainment"] == pytest.approx(1 - rates["tiers"][name]["violation_rate"])
+    assert (att["t1"]["num_judged"], att["t1"]["attainment"], att["t1"]["num_rejected"]) == (2, 0.0, 1)
+
+
+def test_the_longest_token_gap_and_per_token_deadlines_are_two_named_objectives():
+    # Constant 1 s steps, one request alone: tokens at t = 1, 2, 3, 4, so every gap is 1 s.
+    wl = pd.DataFrame({"arrival_s": [0.0], "num_prompt_tokens": [2], "num_output_tokens": [4], "qos_class": ["a"]})
+    spec = ReplicaSpec(ConstantCostModel(1.0), lambda: EDF(None), EngineLimits(), num_kv_blocks=10)
+    res = simulate(wl, [spec], RoundRobin())
+    assert res.requests["tbt_max_s"].iloc[0] == 1.0
+
+    def reason(**tier):
+        qos = QoS.from_config({"classes": {"a": tier}})
+        return violations(res.requests, qos, res.steps)["reason"].iloc[0]
+
+    assert reason(tbt_max_s=1.0) == "" and reason(tbt_max_s=0.9) == "tbt_max"  # counted by default when given
+    # tbt: token k due max(first token, first-token deadline 3 s) + 0.9 k: the slack of the early first
+    # token covers the 1 s gaps (due 3.9, 4.8, 5.7 for tokens at 2, 3, 4) while the longest gap misses 0.9 s
+    assert reason(ttft_s=3.0, tbt_s=0.9, violation=["tbt"]) == ""
+    assert reason(ttft_s=3.0, tbt_s=0.9, tbt_max_s=0.9, violation=["tbt", "tbt_max"]) == "tbt_max"
+    assert QoS.from_config({"classes": {"a": {"ttft_s": 1.0, "tbt_max_s": 0.5}}}).tiers["a"].violation == ("ttft", "tbt_max")
+
+
+def test_a_tier_without_objectives_is_violated_only_by_not_being_served():
+    nan = float("nan")
+    req = table([("best_effort", "finished", 99.0, 999.0, 9.0, False), ("best_effort", "unfinished", nan, nan, nan, False),
+                 ("best_effort", "rejected", nan, nan, nan, False)])
+    qos = QoS.from_config({"classes": {"best_effort": {"share": 1.0}}})
+    assert violations(req, qos)["reason"].tolist() == ["", "unfinished", "rejected"]
+    att = attainment_from_violations(violations(req, qos), qos)["best_effort"]
+    assert (att["attainment"], att["attainment_counting_rejected"], att["objectives"]) == (0.5, pytest.approx(1 / 3), {})
+
+
+def test_a_star_tier_judges_the_classes_without_their_own():
+    req = table([("t0", "finished", 3.0, 4.0, 0.0, False), ("gold", "finished", 3.0, 4.0, 0.0, False),
+                 ("silver", "finished", 1.0, 4.0, 0.0, False)])
+    qos = QoS.from_config({"classes": {"t0": {"ttft_s": 6.0}, "*": {"ttft_s": 2.0}}})
+    v = violations(req, qos)
+    assert v["tier"].tolist() == ["t0", "*", "*"] and v["reason"].tolist() == ["", "ttft", ""]
+    att = attainment_from_violations(v, qos)
+    assert (att["t0"]["attainment"], att["*"]["num_requests"], att["*"]["attainment"]) == (1.0, 2, 0.5)
+    assert qos.first_token_deadline_s("gold", 10) == math.inf  # schedulers see only named tiers
+
+
+def test_per_token_deadlines_follow_a_request_across_replicas():
+    # replica 0 steps end at 1, 2; replica 1 steps end at 50, 51, 3, 4. The request's tokens: steps 0-1
+    # on replica 0 (t = 1, 2), then steps 2-3 on replica 1 (t = 3, 4); token k is due 1 + k: all met.
+    steps = pd.DataFrame({"replica": [0, 0, 1, 1, 1, 1], "step": [0, 1, 0, 1, 2, 3],
+                          "start_s": [0.0, 1.0, 49.0, 50.0, 2.0, 3.0], "duration_s": 1.0})
+    req = pd.DataFrame({"request_id": [0], "arrival_s": [0.0], "qos_class": ["a"], "outcome": ["finished"],
+                        "ttft_s": [1.0], "e2e_s": [4.0], "tpot_s": [1.0], "num_output_tokens": [4],
+                        "num_output_tokens_done": [4], "replica": [1], "relegated": [False],
+                        "token_steps": [np.array([0, 1, 2, 3], dtype=np.int32)],
+                        "token_replicas": [np.array([0, 1], dtype=np.int32)]})
+    qos = QoS.from_config({"classes": {"a": {"ttft_s": 1.0, "tbt_s": 1.0, "violation": ["ttft", "tbt"]}}})
+    assert decode_deadline_misses(req, steps, qos).tolist() == [False]
+    # read as if every run were on replica 1, tokens 2-3 would come at 50 and 51: late
+    assert decode_deadline_misses(req.assign(token_replicas=[None]), steps, qos).tolist() == [True]
