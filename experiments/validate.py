@@ -10,7 +10,9 @@ the engine's saturation rate is measured with a backlog burst; then each load (a
 of it) is replayed open-loop with trace-shaped arrivals, the very same requests (send
 times, lengths) are simulated on one replica with the KV blocks and block size the engine
 reports on /metrics and the fitted cost model, and the two request tables are compared
-(`experiments.compare`). Writes `validation.json` (updated after every run, so a failure
+(`experiments.compare`). The simulated replica is built by the wiring every app uses
+(`experiments.wiring`) from `cluster` (the server's limits), `policy`, `costmodel`, `router`
+and `sim` in conf/validate.yaml. Writes `validation.json` (updated after every run, so a failure
 keeps what was measured), per-run parquet tables and plots; prints the error table.
 Exit status: 0 ok, 1 an error beyond the tolerance, 2 bad input, 3 the live side failed.
 """
@@ -18,6 +20,7 @@ Exit status: 0 ok, 1 an error beyond the tolerance, 2 bad input, 3 the live side
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -32,7 +35,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.app import hydra_app
@@ -40,8 +42,8 @@ from experiments.compare import compare_run, error_table, live_tbt_samples, plot
 from experiments.live.client import LiveRun, ReplayConfig, idle_health_rtt, replay, scrape_once, wait_idle
 from experiments.live.metrics import cache_config
 from experiments.live.server import LiveServer, ServerConfig, ServerError
-from policies.routing import RoundRobin
-from sim.cluster import ReplicaSpec, simulate
+from experiments.wiring import replica_specs, simulate_config
+from sim.cluster import ReplicaSpec, SimResult
 from sim.errors import InputError
 from sim.metrics import tbt_samples
 from sim.paths import project_path
@@ -177,13 +179,35 @@ class EngineFacts:
     limits: EngineLimits
 
 
-def simulate_like_engine(requests: pd.DataFrame, cost_model, policy_factory, engine: EngineFacts):
-    """Simulate `requests` (arrival_s = when the live client sent them) on one replica shaped like the engine."""
-    spec = ReplicaSpec(cost_model=cost_model, policy_factory=policy_factory, limits=engine.limits,
-                       num_kv_blocks=engine.num_kv_blocks, block_size=engine.block_size, name="vllm-replica")
+def engine_replica(cfg: DictConfig, engine: EngineFacts | None = None) -> ReplicaSpec:
+    """The simulated replica, built by the one wiring (`experiments.wiring.replica_specs`) from
+    `cfg.cluster` (one replica with the server's limits), `cfg.policy` and `cfg.costmodel`; with
+    `engine`, the KV blocks and block size the live engine reports. InputError if the cluster
+    is not one replica or its limits differ from the engine's."""
+    node = cfg.copy()
+    OmegaConf.set_struct(node, False)
+    if engine is not None:
+        node.cluster.num_kv_blocks = engine.num_kv_blocks
+        node.cluster.block_size = engine.block_size
+    specs = replica_specs(node)
+    if len(specs) != 1:
+        raise InputError("validation simulates the one served engine: give one replica", field="cluster.num_replicas",
+                         value=len(specs))
+    if engine is not None and specs[0].limits != engine.limits:
+        raise InputError(f"the simulated replica's limits {specs[0].limits} differ from the served engine's "
+                         f"{engine.limits}; leave cluster's limits to the server settings", field="cluster")
+    return specs[0]
+
+
+def simulate_like_engine(cfg: DictConfig, requests: pd.DataFrame, replica: ReplicaSpec,
+                         cost_model=None) -> SimResult:
+    """Simulate `requests` (arrival_s = when the live client sent them) on `replica`
+    (`engine_replica`), priced by `cost_model` (default: the replica's own), with the router
+    and `sim` options of `cfg`."""
+    spec = replica if cost_model is None else dataclasses.replace(replica, cost_model=cost_model)
     wl = requests[["request_id", "arrival_s", "num_prompt_tokens", "num_output_tokens"]].sort_values(
         "arrival_s", kind="stable")
-    return simulate(wl, [spec], RoundRobin())
+    return simulate_config(cfg, wl, replicas=[spec], progress=False)
 
 
 class ServingOverheadCostModel:
@@ -365,8 +389,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> ValidationResult:
         raise InputError("loads must be positive fractions of the saturation rate", field="loads", value=loads)
     if int(cfg.repeats) < 1:
         raise InputError("must be >= 1", field="repeats", value=cfg.repeats)
-    cost_model = instantiate(cfg.costmodel)
-    policy_factory = instantiate(cfg.policy)
+    replica = engine_replica(cfg)  # a bad cluster, policy or cost model stops here, before the server starts
+    cost_model = replica.cost_model
     vocab = _vocab_size(scfg.model_dir)
     pools = [load_pool(s, scfg.max_model_len) for s in _shapes(cfg)]
     report = Report(out / "validation.json", OmegaConf.to_container(cfg, resolve=True))
@@ -385,6 +409,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> ValidationResult:
     try:
         server.start()
         engine = _engine_facts(server, scfg)
+        replica = engine_replica(cfg, engine)
         report.data["engine"] = {"num_kv_blocks": engine.num_kv_blocks, "block_size": engine.block_size,
                                  "limits": engine.limits.__dict__, "startup_s": server.startup_s,
                                  "kv_source": "vllm:cache_config_info on the live server's /metrics",
@@ -396,15 +421,14 @@ def run(cfg: DictConfig, out_dir: str | Path) -> ValidationResult:
         report.write()
         frontend_s = float(report.data["frontend"]["latency_s"])
         report.data["serving_overhead"] = _serving_overhead(cfg, server, scfg, rcfg, vocab, cost_model,
-                                                            policy_factory, engine)
+                                                            replica)
         report.write()
         so = report.data["serving_overhead"]
         if so["const_s"] or so["per_request_s"] or so.get("per_prefill_token_s"):
             cost_model = ServingOverheadCostModel(cost_model, so["const_s"], so["per_request_s"],
                                                   so.get("per_prefill_token_s", 0.0))
         for pool in pools:
-            sat = _saturation(cfg, pool, server, scfg, rcfg, vocab, cost_model, policy_factory, engine, out,
-                              frontend_s)
+            sat = _saturation(cfg, pool, server, scfg, rcfg, vocab, cost_model, replica, out, frontend_s)
             report.data["saturation"][pool.name] = sat
             report.write()
             rate_sat = sat["rate_qps"]
@@ -415,8 +439,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> ValidationResult:
                 for rep in range(int(cfg.repeats)):
                     label = f"{pool.name}-load{load:g}" + (f"-r{rep}" if int(cfg.repeats) > 1 else "")
                     extra = {"repeat": rep} if int(cfg.repeats) > 1 else {}
-                    res = _one_run(label, pool.name, load, wl, server, scfg, rcfg, vocab, cost_model,
-                                   policy_factory, engine, out, extra, frontend_s, plots=bool(cfg.plots))
+                    res = _one_run(cfg, label, pool.name, load, wl, server, scfg, rcfg, vocab, cost_model,
+                                   replica, out, extra, frontend_s, plots=bool(cfg.plots))
                     res["rate_qps"] = rate
                     res["saturation_fraction"] = load
                     report.add_run(res)
@@ -481,7 +505,7 @@ def _warm_up(server: LiveServer, scfg: ServerConfig, rcfg: ReplayConfig, vocab: 
     asyncio.run(wait_idle(server.base_url, alive=server.check_alive))
 
 
-def _serving_overhead(cfg, server, scfg, rcfg, vocab, cost_model, policy_factory, engine) -> dict:
+def _serving_overhead(cfg, server, scfg, rcfg, vocab, cost_model, replica) -> dict:
     """Per-step time the serving engine adds to the profiled step, as `const_s + per_request_s *
     batch + per_prefill_token_s * prefill_tokens`. Decode points: for each batch size B, B
     identical requests arrive at once and decode together; the engine's own mean inter-token
@@ -518,7 +542,7 @@ def _serving_overhead(cfg, server, scfg, rcfg, vocab, cost_model, policy_factory
         if live.failure or (live.requests["outcome"] != FINISHED).any():
             raise ServerError(f"the serving-overhead calibration failed at batch {b}: {live.failure}")
         live_itl = float(live.counters.get("server_mean_itl_s", math.nan))
-        sim = simulate_like_engine(wl, cost_model, policy_factory, engine)
+        sim = simulate_like_engine(cfg, wl, replica, cost_model)
         v, w = tbt_samples(sim.requests, sim.steps)
         sim_itl = float(np.average(v, weights=w))
         if not math.isfinite(live_itl):
@@ -599,7 +623,7 @@ def _frontend_latency(cfg, server, scfg, rcfg, vocab) -> dict:
             "client_minus_server_ttft_s": client_s - c.get("server_mean_ttft_s", math.nan)}
 
 
-def _saturation(cfg, pool, server, scfg, rcfg, vocab, cost_model, policy_factory, engine, out, frontend_s) -> dict:
+def _saturation(cfg, pool, server, scfg, rcfg, vocab, cost_model, replica, out, frontend_s) -> dict:
     """The rate the loads are fractions of: a live backlog burst (compared with its simulation too),
     the same burst simulated only, or a fixed rate."""
     sat = OmegaConf.to_container(cfg.saturation, resolve=True)
@@ -612,14 +636,14 @@ def _saturation(cfg, pool, server, scfg, rcfg, vocab, cost_model, policy_factory
         return {"method": "fixed", "rate_qps": float(rate)}
     burst = burst_workload(pool, int(sat["num_requests"]))
     if method == "costmodel":
-        sim = simulate_like_engine(burst, cost_model, policy_factory, engine)
+        sim = simulate_like_engine(cfg, burst, replica, cost_model)
         tp = throughput(sim.requests)
         return {"method": "costmodel", "rate_qps": tp["requests_per_s"], "num_requests": len(burst),
                 "sim_throughput": tp}
     if method != "burst":
         raise InputError("unknown method; choose burst, costmodel or fixed", field="saturation.method", value=method)
-    res = _one_run(f"{pool.name}-burst", pool.name, "burst", burst, server, scfg, rcfg, vocab, cost_model,
-                   policy_factory, engine, out, {}, frontend_s, plots=bool(cfg.plots))
+    res = _one_run(cfg, f"{pool.name}-burst", pool.name, "burst", burst, server, scfg, rcfg, vocab, cost_model,
+                   replica, out, {}, frontend_s, plots=bool(cfg.plots))
     _print_run(res)
     rate = res["throughput"]["live"]["requests_per_s"]
     if not (isinstance(rate, float) and rate > 0):
@@ -627,7 +651,7 @@ def _saturation(cfg, pool, server, scfg, rcfg, vocab, cost_model, policy_factory
     return {"method": "burst", "rate_qps": rate, "num_requests": len(burst), "comparison": res}
 
 
-def _one_run(label, workload_name, load, wl, server, scfg, rcfg, vocab, cost_model, policy_factory, engine, out,
+def _one_run(cfg, label, workload_name, load, wl, server, scfg, rcfg, vocab, cost_model, replica, out,
              extra, frontend_s: float = 0.0, *, plots: bool) -> dict:
     """Replay `wl` live, simulate what was sent, compare; tables and plots under out/<label>/."""
     run_dir = out / label
@@ -643,7 +667,7 @@ def _one_run(label, workload_name, load, wl, server, scfg, rcfg, vocab, cost_mod
         raise ServerError(f"{label}: the live server failed mid-run ({live.failure}); partial live table in "
                           f"{run_dir / 'requests_live.parquet'}")
     sent = live.requests[np.isfinite(live.requests["send_lag_s"])]
-    sim = simulate_like_engine(sent, cost_model, policy_factory, engine)
+    sim = simulate_like_engine(cfg, sent, replica, cost_model)
     sim.requests.to_parquet(run_dir / "requests_sim.parquet", index=False)
     sim.steps.to_parquet(run_dir / "steps_sim.parquet", index=False)
     sim_seen = with_frontend_latency(sim.requests, frontend_s)
@@ -654,7 +678,7 @@ def _one_run(label, workload_name, load, wl, server, scfg, rcfg, vocab, cost_mod
     base = getattr(cost_model, "base", None) if isinstance(cost_model, ServingOverheadCostModel) else cost_model
     if base is not cost_model or frontend_s:
         # the simulator as the profile alone makes it: no serving overhead, no front-end latency
-        raw = simulate_like_engine(sent, base, policy_factory, engine)
+        raw = simulate_like_engine(cfg, sent, replica, base)
         res["errors_uncalibrated"] = compare_run(live.requests, raw.requests, raw.steps, None,
                                                  workload=workload_name, load=load, extra=extra)["errors"]
     res.update(label=label, live_wall_s=live.wall_s, client_overhead=live.overhead, engine_counters=live.counters,

@@ -455,3 +455,22 @@ def test_serving_overhead_fit_recovers_a_known_overhead_and_prices_prefill_token
     assert model.step_time_s(448, 0, 16, 1000, 17) == pytest.approx(0.1 + const + per_req * 17 + per_tok * 448)
     assert model.step_times_s([448, 0], 0, [16, 4], 0, [17, 4]).tolist() == pytest.approx(
         [0.1 + const + per_req * 17 + per_tok * 448, 0.1 + const + per_req * 4])
+
+
+def test_the_simulated_replica_comes_from_the_one_wiring_with_the_engines_kv():
+    from experiments.validate import EngineFacts, engine_replica, simulate_like_engine
+    from sim.scheduling import EngineLimits
+
+    cfg = compose_validate()
+    limits = EngineLimits(max_num_seqs=128, max_num_batched_tokens=512, max_model_len=8192, enable_chunked_prefill=True)
+    replica = engine_replica(cfg, EngineFacts(num_kv_blocks=7, block_size=32, limits=limits))
+    assert (replica.num_kv_blocks, replica.block_size, replica.limits) == (7, 32, limits)  # the server's limits
+    assert replica.cost_model.name == engine_replica(cfg).cost_model.name  # conf/costmodel/cpu_llama_small
+    # 7 blocks x 32 tokens: a 100-token prompt fits, a 300-token one can never be served
+    wl = pd.DataFrame({"request_id": [0, 1], "arrival_s": [0.0, 0.0], "num_prompt_tokens": [100, 300],
+                       "num_output_tokens": [4, 4]})
+    assert simulate_like_engine(cfg, wl, replica).requests["outcome"].tolist() == ["finished", "rejected"]
+    with pytest.raises(InputError, match="differ from the served engine"):
+        engine_replica(compose_validate(["cluster.max_num_seqs=64"]), EngineFacts(7, 32, limits))
+    with pytest.raises(InputError, match="cluster.num_replicas"):
+        engine_replica(compose_validate(["cluster.num_replicas=2"]))
