@@ -21,7 +21,7 @@ import simpy
 
 from sim.costmodel import CostModel
 from sim.control import Controller
-from sim.controlplane import ActionError, Cluster, ControlSettings
+from sim.controlplane import ActionError, Cluster, ControlSettings, route
 from sim.errors import InputError
 from sim.metrics import request_table
 from sim.replica import Replica
@@ -188,11 +188,7 @@ def simulate(
         if not group:
             reject(req, "no_replica_for_model")
             return
-        target = group[router.route(req, group, now)]
-        why = target.can_ever_fit(req)
-        if why:
-            fits = [r for r in group if not r.can_ever_fit(req)]
-            target = fits[router.route(req, fits, now)] if fits else None
+        target, why = route(router, req, group, now)
         if target is None:
             reject(req, why)
         else:

@@ -147,11 +147,11 @@ class Cluster:
         if self.dispatch == "push":
             group = self.eligible(req.model)
             if group:
-                fits = [r for r in group if not r.can_ever_fit(req)]
-                if not fits:
-                    self.reject(req, group[0].can_ever_fit(req))
-                    return
-                fits[self.router.route(req, fits, now)].submit(req)
+                target, why = route(self.router, req, group, now)
+                if target is None:
+                    self.reject(req, why)
+                else:
+                    target.submit(req)
                 if ARRIVAL in self.wake_on:
                     self._wake(ARRIVAL)
                 return
@@ -413,17 +413,35 @@ class Cluster:
         rep.release(req, released)
 
     def _deliver_to(self, req: Request, target) -> None:
+        """Place a migrating request on `target` once it may run (after its KV transfer). If the
+        target no longer serves its model by then (drained, swapped, removed meanwhile), the
+        request goes to the cluster queue instead: the action was valid when it was taken."""
         delay = req.ready_s - self.env.now
         if delay > 0:
             req.replica = -1
-            self.env.timeout(delay).callbacks.append(lambda _e: self._place(req, target))
-        else:
-            self._place(req, target)
+            self.env.timeout(delay).callbacks.append(lambda _e: self._deliver_to(req, target))
+            return
+        if target.state != SERVING or (req.model and target.model and req.model != target.model):
+            self._enqueue(req)
+            self._offer()
+            return
+        self._place(req, target)
 
     # -------------------------------------------------------------- read-only
     def catalog_view(self) -> dict:
         return {name: {"model": s.model, "hardware": s.hardware, "tp": s.tp,
                        "load_s": float(s.cost_model.model_load_s())} for name, s in self.catalog.items()}
+
+
+def route(router, req: Request, group: list, now: float):
+    """The router's replica among `group` for `req`, re-routed among the replicas it fits when
+    it cannot ever run on the first choice: (replica, '') or (None, why it fits none)."""
+    target = group[router.route(req, group, now)]
+    why = target.can_ever_fit(req)
+    if why:
+        fits = [r for r in group if not r.can_ever_fit(req)]
+        target = fits[router.route(req, fits, now)] if fits else None
+    return target, why
 
 
 def _queue_key(req: Request) -> tuple:

@@ -120,6 +120,15 @@ class Replica:
         # request again, so the loop may skip it (an arrival or any other step clears it).
         self._stable_ok = False
         self._decode_fns: dict[int, Callable[[int], float]] = {}  # see _decode_step_time
+        # Cluster control (set by sim.controlplane.Cluster; a plain run never uses them).
+        self.on_idle: Callable[[Replica], None] | None = None  # called whenever it runs empty
+        self._leaving: list[tuple[Request, Callable[[Request], None]]] = []  # leave at the step end
+        self._work_in = 0  # tokens of work ever handed to it (tokens_computed = this - outstanding)
+        self.state, self.config_name, self.hardware, self.tp = "serving", "", "", 1
+        self.started_s = self.serving_s = 0.0
+        self.stopped_s = float("nan")
+        self.pending: str | None = None
+        self.rate_mark = (0.0, 0)
         self.process = env.process(self.engine_loop())
 
     # ----------------------------------------------------------------- arrivals
@@ -144,7 +153,9 @@ class Replica:
         request.replica = self.replica_id
         self.waiting.append(request)
         self.num_outstanding_requests += 1
-        self._outstanding_tokens += request.remaining_work_tokens
+        work = request.remaining_work_tokens
+        self._outstanding_tokens += work
+        self._work_in += work
         self._stable_ok = False
         if self._ff_event is not None:  # fast-forwarding: finish the step in flight, then reschedule
             self._cut_fast_forward()
@@ -224,10 +235,19 @@ class Replica:
         log_step = self.steps.append
         max_num_seqs = self.limits.max_num_seqs
         while True:
+            if self._leaving:
+                self._release_leaving()
             if not waiting and not running and not len(group.members):
+                if self.on_idle is not None:
+                    self.on_idle(self)  # a drain or reconfiguration may complete now
                 self._wake = env.event()
                 yield self._wake
                 self._wake = None
+                if self.on_idle is not None:  # a reconfiguration while idle replaced these
+                    ctx, group, kv = self.ctx, self.group, self.kv
+                    schedule, step_time_s = self.policy.schedule, self.cost_model.step_time_s
+                    max_num_seqs = self.limits.max_num_seqs
+                continue
             if self._stable_ok and not running and len(group.members) and (
                     not waiting or len(group.members) >= max_num_seqs) and self._allocate_decode_step():
                 # The policy would decode the whole group again (fast_forward_safe contract).
@@ -286,6 +306,7 @@ class Replica:
             self.running[:] = [r for r in self.running if id(r) not in ids]
             for v in reversed(victims):  # first-preempted ends up at the queue's front
                 self._outstanding_tokens += v.num_computed_tokens
+                self._work_in += v.num_computed_tokens
                 v.num_computed_tokens = 0
                 v.num_preemptions += 1
                 self.waiting.appendleft(v)
@@ -505,6 +526,118 @@ class Replica:
                 self._apply_fast_forward(m)
             self._ff = None
         self.running_list()
+
+    # --------------------------------------------------------- cluster control
+    @property
+    def tokens_computed(self) -> int:
+        """Tokens this replica has computed so far (as of now, fast-forward in flight included)."""
+        return self._work_in - self.num_outstanding_tokens
+
+    def held_requests(self) -> list[Request]:
+        """Every request it holds (waiting, then running), without disturbing a step in flight."""
+        return list(self.waiting) + list(self.running) + list(self.group.members)
+
+    def has_leaving(self) -> bool:
+        return bool(self._leaving)
+
+    def running_requests(self) -> list[Request]:
+        """Running requests in admission order, without disturbing a step in flight. Counters of
+        decode-group members are as of the group's last applied step (a fast-forward stretch
+        applies its steps when it ends or is cut): a controller may see them a few steps stale."""
+        members = list(self.group.members)
+        if not members:
+            return list(self.running)
+        self.group.sync()  # idempotent: counters as of the group's last applied step
+        return sorted(self.running + members, key=_admit_seq)
+
+    def release(self, request: Request, then: Callable[[Request], None]) -> None:
+        """Let `request` leave this replica: at once if it waits, else at the end of the step
+        in flight (that step's tokens count). `then(request)` runs once it has left, unless it
+        finished in that step. KV blocks are freed; its counters are kept (the caller decides
+        between recompute and a KV transfer)."""
+        for i, r in enumerate(self.waiting):
+            if r is request:
+                del self.waiting[i]
+                self._drop(request)
+                then(request)
+                return
+        if any(r is request for r, _ in self._leaving):
+            return  # already leaving at the end of the step in flight
+        self._leaving.append((request, then))
+        self._stable_ok = False
+        if self._ff_event is not None:  # a fast-forward stretch: stop at the end of the step in flight
+            self._cut_fast_forward()
+        else:
+            self.kick()
+
+    def _release_leaving(self) -> None:
+        """At a step boundary: take the requests asked to leave off the batch."""
+        leaving, self._leaving = self._leaving, []
+        running = self.running_list()  # up-to-date objects (dissolves the decode group)
+        for req, then in leaving:
+            if req.outcome is not None:
+                continue  # finished in the step in flight
+            for i, r in enumerate(running):
+                if r is req:
+                    del running[i]
+                    self.kv.free(req)
+                    break
+            else:
+                for i, r in enumerate(self.waiting):  # preempted in the meantime
+                    if r is req:
+                        del self.waiting[i]
+                        break
+                else:
+                    continue  # already gone
+            self._drop(req)
+            then(req)
+
+    def _drop(self, req: Request) -> None:
+        self.num_outstanding_requests -= 1
+        work = req.remaining_work_tokens
+        self._outstanding_tokens -= work
+        self._work_in -= work
+        forget = getattr(self.policy, "forget", None)
+        if forget is not None:
+            forget(req)
+        req.leave_replica()
+
+    def reorder(self, request_ids) -> None:
+        """Put these waiting requests first, in this order (the rest keep theirs)."""
+        ids = list(request_ids)
+        pos = {rid: k for k, rid in enumerate(ids)}
+        front = sorted((r for r in self.waiting if r.request_id in pos), key=lambda r: pos[r.request_id])
+        if len(front) != len(ids):
+            from sim.controlplane import ActionError
+
+            raise ActionError(f"{self.name}: reorder names requests not waiting here: "
+                              f"{sorted(set(ids) - {r.request_id for r in front})}")
+        rest = [r for r in self.waiting if r.request_id not in pos]
+        self.waiting.clear()
+        self.waiting.extend(front + rest)
+        self._stable_ok = False
+        self.kick()
+
+    def kick(self) -> None:
+        """Wake the loop if it is idle (so it notices a state change)."""
+        wake = self._wake
+        if wake is not None and not wake.triggered:
+            wake.succeed()
+
+    def reconfigure(self, spec) -> None:
+        """Load another configuration (a `ReplicaSpec`: model, cost model, policy, limits, KV)
+        while empty; the engine loop picks it up when it next wakes."""
+        if self.waiting or self.running or len(self.group.members) or self._ff is not None:
+            raise RuntimeError(f"{self.name}: reconfigure needs an empty replica")
+        self.cost_model = spec.cost_model
+        self.policy = spec.policy_factory()
+        self.limits = spec.limits
+        self.kv = KVCache(spec.resolve_kv_blocks(), spec.block_size)
+        self.group = DecodeGroup(spec.block_size)
+        self.model = spec.model
+        self.fast_forward = self.use_group and getattr(self.policy, "fast_forward_safe", False)
+        self.ctx = StepContext(self, self.waiting, self.kv, self.limits, self.cost_model)
+        self._decode_fns = {}
 
     # ------------------------------------------------------------------ checks
     def _check(self, plan: StepPlan) -> None:
