@@ -57,15 +57,18 @@ def _cost_model():
     return instantiate(cfg.costmodel)
 
 
-def _workload(num_requests: int, rate_qps: float, seed: int, qos_shares: dict | None = None):
+def _workload(num_requests: int, rate_qps: float, seed: int, qos_shares: dict | None = None,
+              model_shares: dict | None = None, max_total_tokens: int | None = None):
     cfg = OmegaConf.load(project_path("conf/workload/azure_conv_synthetic.yaml"))
     cfg.num_requests = num_requests
     cfg.arrival = {"kind": "poisson", "rate_qps": rate_qps}
     cfg.seed = seed
     cfg.qos_shares = qos_shares
+    cfg.model_shares = model_shares
+    cfg.max_total_tokens = max_total_tokens
     for key in list(cfg):
         if OmegaConf.is_interpolation(cfg, key):  # e.g. seed/max_model_len from the run app's config
-            del cfg[key]
+            cfg[key] = None
     cfg.seed = seed
     return instantiate(cfg).requests
 
@@ -154,7 +157,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-fast-forward", action="store_true", help="step-by-step simulation (for comparison)")
     ap.add_argument("--profile", metavar="FILE", help="write a cProfile of the timed run to FILE")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--policy", choices=("fcfs", "niyama", "all"), default="all")
+    ap.add_argument("--policy", choices=("fcfs", "niyama", "multimodel", "all"), default="all")
     ap.add_argument("--saturation-requests", type=int, default=3000, help=argparse.SUPPRESS)
     ap.add_argument("--instructions", action="store_true",
                     help="count instructions of a fixed 20,000-request run under callgrind; compare with the baseline")
@@ -169,25 +172,54 @@ def main(argv=None) -> dict:
     sat = saturation_qps(spec, args.saturation_requests)
     rate = args.load * sat * args.replicas
     results = []
-    for policy in (("fcfs", "niyama") if args.policy == "all" else (args.policy,)):
+    for policy in (("fcfs", "niyama", "multimodel") if args.policy == "all" else (args.policy,)):
+        if policy == "multimodel":
+            results.append(_multi_model_run(args, args.load))
+            continue
         if policy == "niyama":
             factory, shares = _niyama_factory()
             pspec = ReplicaSpec(cost, factory, limits, block_size=16)
             label = "niyama (3 tiers, equal shares)"
         else:
             shares, pspec, label = None, spec, "fcfs chunked"
-        results.append(_timed_run(args, pspec, label, rate, sat, shares))
+        wl = _workload(args.requests, rate, args.seed, shares)
+        results.append(_timed_run(args, [pspec] * args.replicas, label, wl, rate, sat))
     return results[0] if len(results) == 1 else results
 
 
-def _timed_run(args, spec: ReplicaSpec, label: str, rate: float, sat: float, qos_shares: dict | None) -> dict:
-    wl = _workload(args.requests, rate, args.seed, qos_shares)
+MULTI_MODEL_SHARES = {"llama3-8b": 0.5, "mistral-7b": 0.3, "qwen2.5-7b": 0.2}
+
+
+def _multi_model_run(args, load: float) -> dict:
+    """8 replicas, 3 models (conf/cluster/multi_model.yaml, roofline costs on A100), the
+    on-demand swap controller ticking every simulated second (conf/controller/on_demand.yaml),
+    model shares 50/30/20; arrivals at `load` x the saturation of a Llama-3-8B roofline replica."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.wiring import catalog_specs, control_settings, replica_specs
+
+    with initialize_config_dir(config_dir=str(project_path("conf")), version_base="1.3"):
+        cfg = compose("config", overrides=["cluster=multi_model", "costmodel=roofline", "controller=on_demand",
+                                           f"cluster.num_replicas={args.replicas}"])
+    specs = replica_specs(cfg)
+    llama = next(s for s in specs if s.model == "llama3-8b")
+    sat = saturation_qps(llama, args.saturation_requests)
+    rate = load * sat * args.replicas
+    wl = _workload(args.requests, rate, args.seed, None, model_shares=MULTI_MODEL_SHARES,
+                   max_total_tokens=llama.limits.max_model_len)
+    return _timed_run(args, specs, "3 models, swap-on-demand controller (1 s ticks)", wl, rate, sat,
+                      controller=instantiate(cfg.controller), catalog=catalog_specs(cfg),
+                      control=control_settings(cfg), costs="roofline cost models")
+
+
+def _timed_run(args, specs: list, label: str, wl, rate: float, sat: float, costs: str = "published cost model",
+               **kwargs) -> dict:
     prof = cProfile.Profile() if args.profile else None
     t0 = time.perf_counter()
     c0 = time.process_time()
     if prof:
         prof.enable()
-    res = simulate(wl, [spec] * args.replicas, LeastOutstandingRequests(), fast_forward=not args.no_fast_forward)
+    res = simulate(wl, specs, LeastOutstandingRequests(), fast_forward=not args.no_fast_forward, **kwargs)
     # simulate pauses the cyclic garbage collector; what the run left for it is collected here,
     # inside the timed region, rather than at the caller's next allocation
     gc.collect(1)
@@ -198,8 +230,8 @@ def _timed_run(args, spec: ReplicaSpec, label: str, rate: float, sat: float, qos
     cpu = time.process_time() - c0
     fin = res.requests["outcome"].eq("finished").sum()
     out = {
-        "scenario": f"{args.requests} azure-conv-shaped requests, poisson, {args.replicas} x llama3-8b/a100 "
-                    f"(published cost model), {label}, {args.load:.0%} load",
+        "scenario": f"{args.requests} azure-conv-shaped requests, poisson, {len(specs)} replicas on a100 "
+                    f"({costs}), {label}, {args.load:.0%} load",
         "saturation_qps_per_replica": round(sat, 3),
         "arrival_qps": round(rate, 3),
         "fast_forward": not args.no_fast_forward,
@@ -211,6 +243,8 @@ def _timed_run(args, spec: ReplicaSpec, label: str, rate: float, sat: float, qos
         "finished": int(fin),
         "simulated_s": round(res.end_s, 1),
     }
+    if "num_model_swaps" in res.info:
+        out["num_model_swaps"] = res.info["num_model_swaps"]
     print(json.dumps(out))
     return out
 

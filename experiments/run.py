@@ -69,6 +69,12 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None, label: str = "") -> 
     summary["num_replicas"] = len(replicas)
     summary["wall_s"] = time.perf_counter() - t0
     summary["num_sim_steps"] = result.info["num_steps"]
+    if "num_controller_wakes" in result.info:  # a cluster policy ran (sim.controlplane counters)
+        summary["control"] = {k: v for k, v in result.info.items()
+                              if k in ("num_stranded", "num_model_swaps", "num_reconfigurations", "num_evictions",
+                                       "num_migrations", "num_replicas_added", "num_replicas_removed",
+                                       "num_controller_wakes")}
+        log.info("cluster control: %s", summary["control"])
     out = None
     if out_dir is not None:
         out = Path(out_dir)
@@ -128,6 +134,8 @@ def main(cfg: DictConfig) -> float:
             print(summary_table({label or "run": s}).T.to_string())
             if s["outcomes"]["rejected"]:
                 print(f"rejected (never servable, counted apart from SLO misses): {s['reject_reasons']}")
+            if "control" in s:
+                print(f"cluster control: {s['control']}")
             for w in s["warnings"]:
                 print(f"WARNING: {w}")
         print(f"outputs: {out_dir}")

@@ -19,6 +19,7 @@ capacity follows the same cost model unless `num_kv_blocks` is given.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -26,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sim.cluster import ReplicaSpec, SimResult, simulate
+from sim.controlplane import ControlSettings
 from sim.costmodels.specs import ModelSpec, spec_from_dict
 from sim.errors import InputError
 from sim.paths import project_path
@@ -103,87 +105,145 @@ def _instantiate(node: DictConfig, where: str):
         raise InputError(cause.problem, path=cause.path, line=cause.line, field=field, value=cause.value) from None
 
 
-def replica_specs(cfg: DictConfig) -> list[ReplicaSpec]:
-    """ReplicaSpecs from `cfg.cluster`: `num_replicas` identical replicas, or `pools` (each entry
-    overrides the cluster's keys; see the module docstring). Replicas are named
-    `<pool name><index>` (`replica<index>` without pools), which `policies.siloed` relies on.
-
-    Raises InputError naming the config key for a bad count, an unknown model / hardware /
-    cost-model option, a TP degree the model cannot be sharded by, or a cost model that was
-    made for another model, GPU or TP degree than the replica it would price."""
+def _pools(cfg: DictConfig) -> tuple[list[dict], list[str], bool]:
+    """The cluster's pools as plain mappings, where each is in the config, and whether `pools` was given."""
     cl = OmegaConf.to_container(cfg.cluster, resolve=False)
     raw_pools = cl.get("pools")
     if raw_pools is not None and not isinstance(raw_pools, list):
         raise InputError("must be a list of pools or null", field="cluster.pools", value=raw_pools)
     if raw_pools:
-        pools = raw_pools
-        where = [f"cluster.pools[{i}]" for i in range(len(pools))]
-    else:
-        pools = [{"name": "", "count": cfg.cluster.get("num_replicas")}]
-        where = ["cluster"]
+        return raw_pools, [f"cluster.pools[{i}]" for i in range(len(raw_pools))], True
+    return [{"name": "", "count": cfg.cluster.get("num_replicas")}], ["cluster"], False
+
+
+def _models(cfg: DictConfig) -> list[str]:
+    """`cluster.models`: the models replicas may load (a multi-model cluster), or []."""
+    models = cfg.cluster.get("models")
+    if models is None:
+        return []
+    models = OmegaConf.to_container(models, resolve=True) if not isinstance(models, list) else models
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+        raise InputError("must be a non-empty list of conf/model option names, or null", field="cluster.models",
+                         value=models)
+    return models
+
+
+def _template(cfg: DictConfig, pool: dict, w: str, pooled: bool) -> ReplicaSpec:
+    """One replica of `pool` (name and routing model left to the caller)."""
+    if not isinstance(pool, dict):
+        raise InputError("a pool is a mapping of cluster keys", field=w, value=pool)
+    unknown = sorted(set(pool) - POOL_KEYS)
+    if unknown:
+        raise InputError(f"unknown pool key(s) {unknown}; known: {sorted(POOL_KEYS)}", field=w)
+    sub = cfg.copy()
+    OmegaConf.set_struct(sub, False)
+    # The pool's model, hardware and tp stand in for the top-level ones while its cost
+    # model, KV capacity and limits resolve (interpolations such as ${model} follow).
+    if pool.get("model") is not None:
+        sub.model = _option("model", pool["model"], f"{w}.model")
+    if pool.get("hardware") is not None:
+        sub.hardware = _option("hardware", pool["hardware"], f"{w}.hardware")
+    for key in ("tp", *ENGINE_FIELDS, "num_kv_blocks", "block_size"):
+        if key in pool and pool[key] is not None:
+            sub.cluster[key] = pool[key]
+    if pool.get("costmodel") is not None:
+        sub.costmodel = _option("costmodel", pool["costmodel"], f"{w}.costmodel")
+    if pool.get("policy") is not None:
+        sub.policy = _option("policy", pool["policy"], f"{w}.policy")
+    # the key to name in errors: the pool's (where a fix goes), or the top-level group without pools
+    src = {k: f"{w}.{k}" if pooled else k for k in ("costmodel", "policy", "model")}
+    tp = _positive_int(sub.cluster.get("tp", 1), f"{w}.tp")
+    model_cfg = OmegaConf.to_container(sub.model, resolve=True) if sub.get("model") else None
+    model_spec = spec_from_dict(ModelSpec, model_cfg, src["model"]) if model_cfg else None
+    model_name = model_spec.name if model_spec else ""
+    if model_spec is not None:
+        try:
+            model_spec.check_tp(tp)
+        except InputError as e:
+            raise InputError(e.problem, field=f"{w}.tp", value=tp) from None
+    hw_cfg = OmegaConf.to_container(sub.hardware, resolve=True) if sub.get("hardware") else {}
+    hardware = str(hw_cfg.get("name", "")) if isinstance(hw_cfg, dict) else ""
+    if sub.get("costmodel") is None:
+        raise InputError("no cost model: select one (costmodel=...) or give the pool a costmodel",
+                         field=f"{w}.costmodel")
+    cost_model = _instantiate(sub.costmodel, src["costmodel"])
+    _check_cost_model(cost_model, model_name, hardware, tp, w)
+    prov = getattr(cost_model, "provenance", None) or {}
+    if getattr(cost_model, "gpu", None) is None and isinstance(prov.get("hardware"), str):
+        hardware = prov["hardware"]  # a measured (e.g. CPU) profile: report where it was measured
+    policy_factory = _instantiate(sub.policy, src["policy"])
+    if not callable(policy_factory):
+        raise InputError("policy config must build a factory (set `_partial_: true`)", field=src["policy"])
+    scl = OmegaConf.to_container(sub.cluster, resolve=True)
+    limits = EngineLimits(**{k: scl[k] for k in ENGINE_FIELDS})
+    if model_spec is not None and limits.max_model_len > model_spec.max_model_len:
+        raise InputError(f"longer than {model_name}'s max_model_len ({model_spec.max_model_len})",
+                         field=f"{w}.max_model_len", value=limits.max_model_len)
+    kv = scl.get("num_kv_blocks")
+    return ReplicaSpec(
+        cost_model=cost_model, policy_factory=policy_factory, limits=limits,
+        num_kv_blocks=None if kv is None else _positive_int(kv, f"{w}.num_kv_blocks"),
+        block_size=_positive_int(scl.get("block_size", 16), f"{w}.block_size"),
+        model=str(pool.get("model_name") or ""), model_spec_name=model_name, hardware=hardware, tp=tp,
+    )
+
+
+def replica_specs(cfg: DictConfig) -> list[ReplicaSpec]:
+    """ReplicaSpecs from `cfg.cluster`: `num_replicas` identical replicas, or `pools` (each entry
+    overrides the cluster's keys; see the module docstring). Replicas are named
+    `<pool name><index>` (`replica<index>` without pools), which `policies.siloed` relies on.
+    With `cluster.models` (a multi-model cluster), a pool that names no model starts its
+    replicas on those models in turn, and every replica serves (routes by) the model it loads.
+
+    Raises InputError naming the config key for a bad count, an unknown model / hardware /
+    cost-model option, a TP degree the model cannot be sharded by, or a cost model that was
+    made for another model, GPU or TP degree than the replica it would price."""
+    pools, where, pooled = _pools(cfg)
+    models = _models(cfg)
     specs: list[ReplicaSpec] = []
     for pool, w in zip(pools, where):
-        if not isinstance(pool, dict):
-            raise InputError("a pool is a mapping of cluster keys", field=w, value=pool)
-        unknown = sorted(set(pool) - POOL_KEYS)
-        if unknown:
-            raise InputError(f"unknown pool key(s) {unknown}; known: {sorted(POOL_KEYS)}", field=w)
-        sub = cfg.copy()
-        OmegaConf.set_struct(sub, False)
-        # The pool's model, hardware and tp stand in for the top-level ones while its cost
-        # model, KV capacity and limits resolve (interpolations such as ${model} follow).
-        if pool.get("model") is not None:
-            sub.model = _option("model", pool["model"], f"{w}.model")
-        if pool.get("hardware") is not None:
-            sub.hardware = _option("hardware", pool["hardware"], f"{w}.hardware")
-        for key in ("tp", *ENGINE_FIELDS, "num_kv_blocks", "block_size"):
-            if key in pool and pool[key] is not None:
-                sub.cluster[key] = pool[key]
-        if pool.get("costmodel") is not None:
-            sub.costmodel = _option("costmodel", pool["costmodel"], f"{w}.costmodel")
-        if pool.get("policy") is not None:
-            sub.policy = _option("policy", pool["policy"], f"{w}.policy")
-        # the key to name in errors: the pool's (where a fix goes), or the top-level group without pools
-        src = {k: f"{w}.{k}" if raw_pools else k for k in ("costmodel", "policy", "model")}
-        count = _positive_int(pool.get("count"), f"{w}.count" if raw_pools else "cluster.num_replicas")
-        tp = _positive_int(sub.cluster.get("tp", 1), f"{w}.tp")
-        model_cfg = OmegaConf.to_container(sub.model, resolve=True) if sub.get("model") else None
-        model_spec = spec_from_dict(ModelSpec, model_cfg, src["model"]) if model_cfg else None
-        model_name = model_spec.name if model_spec else ""
-        if model_spec is not None:
-            try:
-                model_spec.check_tp(tp)
-            except InputError as e:
-                raise InputError(e.problem, field=f"{w}.tp", value=tp) from None
-        hw_cfg = OmegaConf.to_container(sub.hardware, resolve=True) if sub.get("hardware") else {}
-        hardware = str(hw_cfg.get("name", "")) if isinstance(hw_cfg, dict) else ""
-        if sub.get("costmodel") is None:
-            raise InputError("no cost model: select one (costmodel=...) or give the pool a costmodel",
-                             field=f"{w}.costmodel")
-        cost_model = _instantiate(sub.costmodel, src["costmodel"])
-        _check_cost_model(cost_model, model_name, hardware, tp, w)
-        prov = getattr(cost_model, "provenance", None) or {}
-        if getattr(cost_model, "gpu", None) is None and isinstance(prov.get("hardware"), str):
-            hardware = prov["hardware"]  # a measured (e.g. CPU) profile: report where it was measured
-        policy_factory = _instantiate(sub.policy, src["policy"])
-        if not callable(policy_factory):
-            raise InputError("policy config must build a factory (set `_partial_: true`)", field=src["policy"])
-        scl = OmegaConf.to_container(sub.cluster, resolve=True)
-        limits = EngineLimits(**{k: scl[k] for k in ENGINE_FIELDS})
-        if model_spec is not None and limits.max_model_len > model_spec.max_model_len:
-            raise InputError(f"longer than {model_name}'s max_model_len ({model_spec.max_model_len})",
-                             field=f"{w}.max_model_len", value=limits.max_model_len)
-        kv = scl.get("num_kv_blocks")
-        for _ in range(count):
-            i = len(specs)
-            specs.append(ReplicaSpec(
-                cost_model=cost_model, policy_factory=policy_factory, limits=limits,
-                num_kv_blocks=None if kv is None else _positive_int(kv, f"{w}.num_kv_blocks"),
-                block_size=_positive_int(scl.get("block_size", 16), f"{w}.block_size"),
-                name=f"{pool.get('name') or 'replica'}{i}", model=str(pool.get("model_name") or ""),
-                model_spec_name=model_name, hardware=hardware, tp=tp,
-            ))
+        count = _positive_int(pool.get("count") if isinstance(pool, dict) else None,
+                              f"{w}.count" if pooled else "cluster.num_replicas")
+        if models and pool.get("model") is None:
+            templates = [_template(cfg, {**pool, "model": m}, w, pooled) for m in models]
+        else:
+            templates = [_template(cfg, pool, w, pooled)]
+        for k in range(count):
+            t = templates[k % len(templates)]
+            routes = t.model or (t.model_spec_name if models else "")
+            specs.append(replace(t, name=f"{pool.get('name') or 'replica'}{len(specs)}", model=routes))
     return specs
+
+
+def catalog_specs(cfg: DictConfig) -> dict[str, ReplicaSpec]:
+    """The configurations a controller may start or swap to: every model of `cluster.models`
+    on every pool's hardware and tp, named by the model (`<model>@<hardware>-tp<tp>` when the
+    pools differ in hardware or tp). Empty without `cluster.models`."""
+    models = _models(cfg)
+    if not models:
+        return {}
+    pools, where, pooled = _pools(cfg)
+    out: dict[str, ReplicaSpec] = {}
+    templates = [_template(cfg, {**p, "model": m, "count": 1}, w, pooled) for p, w in zip(pools, where)
+                 for m in models]
+    distinct = {(t.hardware, t.tp) for t in templates}
+    for t in templates:
+        key = t.model_spec_name if len(distinct) == 1 else f"{t.model_spec_name}@{t.hardware}-tp{t.tp}"
+        out.setdefault(key, replace(t, name=key, model=t.model_spec_name))
+    return out
+
+
+def control_settings(cfg: DictConfig) -> ControlSettings:
+    """`cluster.control` (the cluster mechanism's settings) as ControlSettings."""
+    node = cfg.cluster.get("control")
+    if node is None:
+        return ControlSettings()
+    node = OmegaConf.to_container(node, resolve=True)
+    known = set(ControlSettings.__dataclass_fields__)
+    unknown = sorted(set(node) - known)
+    if unknown:
+        raise InputError(f"unknown key(s) {unknown}; known: {sorted(known)}", field="cluster.control")
+    return ControlSettings(**node)
 
 
 def simulate_config(cfg: DictConfig, requests, *, replicas: list[ReplicaSpec] | None = None,
@@ -191,9 +251,11 @@ def simulate_config(cfg: DictConfig, requests, *, replicas: list[ReplicaSpec] | 
     """Simulate `requests` (a workload table) on the cluster, router and `sim` options of `cfg`.
     `replicas` reuses specs already built from `cfg`; `progress` overrides `cfg.sim.progress`."""
     sim_cfg = cfg.sim
+    controller = _instantiate(cfg.controller, "controller") if cfg.get("controller") is not None else None
     return simulate(
         requests, replica_specs(cfg) if replicas is None else replicas, instantiate(cfg.router),
         horizon_s=sim_cfg.horizon_s, fast_forward=sim_cfg.fast_forward,
         check_plans=sim_cfg.get("check_plans", False),
         progress=bool(sim_cfg.get("progress", False)) if progress is None else progress,
+        controller=controller, catalog=catalog_specs(cfg) or None, control=control_settings(cfg),
     )

@@ -305,7 +305,7 @@ def _check_models(requests: list[Request], specs: Sequence[ReplicaSpec], catalog
     models = {s.model for s in specs} | {s.model for s in catalog.values()}
     if "" in models:
         return  # a replica serving any model
-    unknown = sorted({r.model for r in requests if r.model not in models})
+    unknown = sorted({r.model for r in requests if r.model and r.model not in models})
     if not unknown:
         return
     if settings.unknown_model == "error":

@@ -193,3 +193,32 @@ def test_an_action_naming_a_missing_request_or_replica_is_a_controller_error():
     with pytest.raises(ActionError, match="request 99"):
         simulate(wl([(0.0, 4, 4, "A")]), [spec("A")], LeastOutstandingRequests(),
                  controller=Scripted({0.5: [Evict(99)]}))
+
+
+def test_swap_on_demand_gives_a_starved_model_the_idlest_replica_at_the_next_tick():
+    # Replicas 0 and 1 serve A; request 0 (A) runs on replica 0 (tokens 1, 2, 3). Request 1 (B)
+    # arrives at 0.5 and waits in the cluster queue. At the tick at 1 s model B has demand and
+    # no replica: replica 1 (A, idle) gives way, loads B for 5 s (serving at 6) and pulls
+    # request 1: prefill [6,7] -> first token 7, decode [7,8] -> finished at 8.
+    from policies.control.on_demand import SwapOnDemand
+
+    catalog = {"A": spec("A", load_s=5.0), "B": spec("B", load_s=5.0)}
+    res = simulate(wl([(0.0, 4, 3, "A"), (0.5, 4, 2, "B")]), [catalog["A"], catalog["A"]],
+                   LeastOutstandingRequests(), controller=SwapOnDemand(tick_s=1.0), catalog=catalog, check_plans=True)
+    r = by_id(res)
+    assert r.loc[0, "replica"] == 0 and r.loc[0, "finish_s"] == 3.0
+    assert r.loc[1, "replica"] == 1 and r.loc[1, "first_token_s"] == 7.0 and r.loc[1, "finish_s"] == 8.0
+    assert list(res.replicas["model"]) == ["A", "B"] and res.info["num_model_swaps"] == 1
+
+
+def test_swap_on_demand_rebalances_an_overloaded_model_and_keeps_every_models_last_replica():
+    # 3 replicas: A, A, B. Twenty long B requests and one A request: B's demand per replica is
+    # far above A's, so one A replica swaps to B; A keeps its last replica (min 1).
+    from policies.control.on_demand import SwapOnDemand
+
+    catalog = {"A": spec("A", load_s=2.0), "B": spec("B", load_s=2.0)}
+    rows = [(0.0, 4, 2, "A")] + [(0.0, 64, 50, "B")] * 20
+    res = simulate(wl(rows), [catalog["A"], catalog["A"], catalog["B"]], LeastOutstandingRequests(),
+                   controller=SwapOnDemand(tick_s=1.0, cooldown_s=1000.0), catalog=catalog, check_plans=True)
+    assert (res.requests["outcome"] == "finished").all()
+    assert sorted(res.replicas["model"]) == ["A", "B", "B"] and res.info["num_model_swaps"] == 1

@@ -131,3 +131,33 @@ def test_the_replica_table_names_model_hardware_and_tp():
     assert res.replicas["hardware"].tolist() == ["a100-80gb"] * 2
     assert res.replicas["tp"].tolist() == [2, 2]
     assert (res.requests["outcome"] == "finished").all()
+
+
+def test_a_multi_model_cluster_starts_replicas_on_its_models_in_turn_and_catalogs_every_model():
+    from experiments.wiring import catalog_specs
+
+    cfg = cfg_with("cluster=multi_model", "costmodel=roofline", "cluster.num_replicas=4")
+    specs = replica_specs(cfg)
+    assert [s.model for s in specs] == ["llama3-8b", "mistral-7b", "qwen2.5-7b", "llama3-8b"]
+    assert [s.cost_model.model.name for s in specs] == [s.model for s in specs]
+    catalog = catalog_specs(cfg)
+    assert sorted(catalog) == ["llama3-8b", "mistral-7b", "qwen2.5-7b"]
+    # a swap pays the new model's weights over the hardware's load bandwidth (A100 conf: 3 GB/s from NVMe)
+    llama = catalog["llama3-8b"].cost_model
+    assert llama.model_load_s() == pytest.approx(LLAMA8B.weight_bytes(1) / A100.host_load_bw_bytes_s)
+    # the published Llama-3-8B/A100 model cannot price the other two models
+    with pytest.raises(InputError, match="mistral-7b|qwen2.5-7b"):
+        replica_specs(cfg_with("cluster=multi_model"))
+
+
+def test_the_multi_model_experiment_runs_with_its_controller_and_counts_its_swaps():
+    cfg = cfg_with("+experiment=multi_model", "workload.num_requests=600", "sim.progress=false")
+    from hydra.utils import instantiate
+
+    wl = instantiate(cfg.workload).requests
+    assert set(wl["model"]) == {"llama3-8b", "mistral-7b", "qwen2.5-7b"}
+    res = simulate_config(cfg, wl)
+    assert len(res.requests) == 600 and (res.requests["outcome"] == "finished").all()
+    assert "num_model_swaps" in res.info and set(res.replicas["state"]) <= {"serving", "starting", "draining"}
+    # demand is 50/30/20 but replicas start 3/3/2: the controller moves some towards llama3-8b
+    assert res.info["num_model_swaps"] >= 1

@@ -298,6 +298,7 @@ def synthetic(
     qos_shares: dict[str, float] | None = None,
     seed: int = 0,
     model: str = "",
+    model_shares: dict[str, float] | None = None,
     max_total_tokens: int | None = None,
     too_long: str = "redraw",
 ) -> Workload:
@@ -308,7 +309,9 @@ def synthetic(
     `numpy.random.default_rng(seed)`, so changing one leaves the others' draws unchanged.
     `max_total_tokens` (None: no limit) caps prompt + output tokens per request, e.g. at the
     model's max_model_len; requests drawn longer are redrawn or truncated (`too_long`, see
-    `fit_to_context`) and counted in `Workload.num_adjusted`. Bad arguments raise InputError.
+    `fit_to_context`) and counted in `Workload.num_adjusted`. `model_shares` (model name ->
+    share) draws each request's model from its own stream (a multi-model cluster); `model`
+    names one model for all. Bad arguments raise InputError.
     """
     process = ArrivalProcess.from_config(arrival)
     prompt = LengthDistribution.from_config(prompt_tokens, "prompt_tokens")
@@ -321,6 +324,9 @@ def synthetic(
         raise InputError(f"use one of {list(TOO_LONG_MODES)}", field="too_long", value=too_long)
     if not isinstance(model, str):
         raise InputError("must be text", field="model", value=model)
+    models = qos_probabilities(model_shares, "model_shares")
+    if models is not None and model:
+        raise InputError("give model or model_shares, not both", field="model_shares", value=plain(model_shares))
     if process.ends:
         if num_requests is not None or duration_s is not None:
             given = "num_requests" if num_requests is not None else "duration_s"
@@ -352,6 +358,10 @@ def synthetic(
         prompt_lengths, output_lengths, num_adjusted = fit_to_context(
             prompt_lengths, output_lengths, prompt, output, prompt_rng, output_rng,
             max_total_tokens=max_total_tokens, too_long=too_long)
+    if models is not None:  # a fifth stream: the other four draw as without it
+        names, probabilities = models
+        model_rng = np.random.default_rng(seed).spawn(5)[4]
+        model = np.array(names, dtype=object)[model_rng.choice(len(names), size=num, p=probabilities)]
     requests = make_requests(
         arrival_s,
         prompt_lengths,

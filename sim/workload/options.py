@@ -57,18 +57,19 @@ def whole_number(value: object, field: str, *, minimum: int) -> int:
     return int(value)
 
 
-def qos_probabilities(qos_shares: object) -> tuple[list[str], np.ndarray] | None:
-    """Class names and normalised probabilities from `qos_shares`, or None when not given."""
+def qos_probabilities(qos_shares: object, field: str = "qos_shares") -> tuple[list[str], np.ndarray] | None:
+    """Names and normalised probabilities from a share mapping (QoS classes, or models with
+    `field='model_shares'`), or None when not given."""
     if qos_shares is None:
         return None
     shares = plain(qos_shares)
     if not isinstance(shares, dict) or not shares:
-        raise InputError("must be a non-empty mapping class -> share", field="qos_shares", value=shares)
+        raise InputError("must be a non-empty mapping name -> share", field=field, value=shares)
     names = []
     for name, share in shares.items():
         if not isinstance(name, str) or not name.strip():
-            raise InputError("class names must be non-empty text", field="qos_shares", value=name)
-        positive_number(share, f"qos_shares.{name}")
+            raise InputError("names must be non-empty text", field=field, value=name)
+        positive_number(share, f"{field}.{name}")
         names.append(name)
     weights = np.array([float(shares[name]) for name in names])
     return names, weights / weights.sum()
