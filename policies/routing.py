@@ -13,13 +13,14 @@ from sim.scheduling import ReplicaLoad
 
 
 class RoundRobin:
-    """Cycle through the replicas in order (per model group)."""
+    """Cycle through the replicas in order (per group of replicas, keyed by their ids: a key by
+    the list's identity would depend on memory addresses once groups are rebuilt)."""
 
     def __init__(self) -> None:
-        self._next: dict[int, int] = {}
+        self._next: dict[tuple, int] = {}
 
     def route(self, request: Request, replicas: Sequence[ReplicaLoad], now: float) -> int:
-        key = id(replicas)
+        key = tuple(r.replica_id for r in replicas)
         i = self._next.get(key, 0) % len(replicas)
         self._next[key] = i + 1
         return i
