@@ -33,6 +33,8 @@ from sim.qos import QoS
 from sim.request import Request
 from sim.scheduling import StepContext, StepPlan
 
+_INF = float("inf")
+
 PriorityKey = Callable[[Request], tuple]
 """Smaller keys are served first; keys end in (arrival_s, request_id) so ties break deterministically."""
 
@@ -49,8 +51,12 @@ class Deadlines:
     def __init__(self, qos: QoS) -> None:
         self.qos = qos
         self._by_id: dict[int, float] = {}
+        """Deadlines of requests not admitted yet (and of those without one), by id."""
 
     def __call__(self, req: Request) -> float:
+        d = req.deadline_s
+        if d != _INF:  # admitted: recorded
+            return d
         d = self._by_id.get(id(req))
         if d is None:
             d = req.arrival_s + self.qos.first_token_deadline_s(req.qos_class, req.num_output_tokens)
@@ -157,26 +163,32 @@ def fast_step(ctx: StepContext, tracker: PrefillTracker, token_budget: int, *, p
 
 
 class Victims:
-    """The running requests still holding KV blocks this step, by key. When a running request
-    cannot get blocks, the one with the largest key is preempted (recompute), as in vLLM's
-    priority scheduler (`max(running, key=(priority, arrival_time))`), and its tokens this
-    step, if it was already scheduled, go back to the budget. Requests admitted this step are
-    never victims: prefills are served in key order, so whoever asks for blocks has a larger
-    key than every request admitted before it, and is itself a candidate."""
+    """The running requests still holding KV blocks this step. When a running request cannot
+    get blocks, the one with the largest key is preempted (recompute), as in vLLM's priority
+    scheduler (`max(running, key=(priority, arrival_time))`), and its tokens this step, if it
+    was already scheduled, go back to the budget. Requests admitted this step are never
+    victims: prefills are served in key order, so whoever asks for blocks has a larger key
+    than every request admitted before it, and is itself a candidate. Keys are computed at
+    the first shortage of the step (most steps have none)."""
 
-    __slots__ = ("by_key", "gone")
+    __slots__ = ("running", "key", "by_key", "gone")
 
-    def __init__(self, keyed: list[tuple[tuple, Request]]) -> None:
-        self.by_key = sorted(keyed, key=itemgetter(0))
+    def __init__(self, running: list[Request], key: PriorityKey) -> None:
+        self.running = running
+        self.key = key
+        self.by_key: list[tuple[tuple, Request]] | None = None
         """(key, request) of the running requests not preempted yet, most urgent first."""
         self.gone: set[int] = set()
         """ids of the requests preempted this step."""
 
-    def allocate(self, kv: KVCache, plan: StepPlan, req: Request, num_new_tokens: int) -> int:
+    def make_room(self, kv: KVCache, plan: StepPlan, req: Request, num_new_tokens: int) -> int:
         """Reserve blocks for running request `req` to compute `num_new_tokens` more, preempting
         the least urgent running requests until they fit. Returns the tokens given back by
         victims already scheduled this step, or -1 if `req` itself was the least urgent (it is
         then preempted and nothing was reserved)."""
+        if self.by_key is None:
+            key = self.key
+            self.by_key = sorted(((key(r), r) for r in self.running), key=itemgetter(0))
         returned = 0
         while not kv.allocate(req, num_new_tokens):
             victim = self.by_key.pop()[1]
@@ -205,27 +217,35 @@ def decode_first(ctx: StepContext, plan: StepPlan, token_budget: int,
     `Victims`). Returns the running prefills still held as (key, request), most urgent
     first, and the victims for the prefill pass; (`[]`, None) if a decode was itself the
     least urgent: the step then schedules nothing more (vLLM stops at such a request)."""
-    keyed, decodes = [], []
-    for r in ctx.running:
-        keyed.append((key(r), r))
+    decodes, prefills = [], []
+    running = ctx.running
+    for r in running:
         if r.num_prompt_tokens + r.num_output_done - r.num_computed_tokens == 1:
             decodes.append(r)
-    victims = Victims(keyed)
+        else:
+            prefills.append((key(r), r))
+    if len(prefills) > 1:
+        prefills.sort(key=itemgetter(0))
+    victims = Victims(running, key)
+    gone = victims.gone
     kv = ctx.kv
+    scheduled, num_new_tokens = plan.scheduled, plan.num_new_tokens
     left = token_budget
     for r in decodes:
         if left <= 0:
             break
-        if plan.preempted and id(r) in victims.gone:
+        if gone and id(r) in gone:
             continue
-        returned = victims.allocate(kv, plan, r, 1)
-        if returned < 0:
-            return [], None
-        plan.scheduled.append(r)
-        plan.num_new_tokens.append(1)
-        left += returned - 1
-    prefills = [kr for kr in victims.by_key
-                if kr[1].num_prompt_tokens + kr[1].num_output_done - kr[1].num_computed_tokens > 1]
+        if not kv.allocate(r, 1):
+            returned = victims.make_room(kv, plan, r, 1)
+            if returned < 0:
+                return [], None
+            left += returned
+        scheduled.append(r)
+        num_new_tokens.append(1)
+        left -= 1
+    if gone:
+        prefills = [kr for kr in prefills if id(kr[1]) not in gone]
     return prefills, victims
 
 
@@ -261,7 +281,7 @@ def schedule_prefills(ctx: StepContext, plan: StepPlan, token_budget: int, runni
         if running:
             req = running_prefills[i][1]
             i += 1
-            if plan.preempted and id(req) in victims.gone:
+            if victims.gone and id(req) in victims.gone:
                 continue
         else:
             req = queue.pop()
@@ -282,10 +302,11 @@ def schedule_prefills(ctx: StepContext, plan: StepPlan, token_budget: int, runni
                     allow_waiting = False
                 continue
         if running:
-            returned = victims.allocate(kv, plan, req, num_new)
-            if returned < 0:
-                break
-            token_budget += returned
+            if not kv.allocate(req, num_new):
+                returned = victims.make_room(kv, plan, req, num_new)
+                if returned < 0:
+                    break
+                token_budget += returned
         elif not kv.allocate(req, num_new):
             queue.push(req)
             allow_waiting = False

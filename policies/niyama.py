@@ -187,7 +187,7 @@ class Niyama:
             tbt = tbt_of.get(req.qos_class)
             if tbt is None:
                 continue
-            deadline = self.deadline(req)
+            deadline = req.deadline_s  # a decode was admitted: recorded (Deadlines.record)
             first = req.first_token_s if req.first_token_s > deadline else deadline
             slack = first + tbt * req.num_output_done - now
             if slack < min_slack:
