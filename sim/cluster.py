@@ -219,7 +219,8 @@ def simulate(
         else:
             raise RuntimeError(
                 f"simulation stalled at t={env.now:.3f}s with {len(stuck)} requests unfinished "
-                f"(first: {stuck[:3]}); a batch policy stopped scheduling"
+                f"(first: {stuck[:3]}): the event queue ran dry with requests held (a mechanism bug; a policy "
+                "that schedules nothing raises PlanError)"
             ) from exc
     finally:
         arrivals.close()

@@ -5,10 +5,12 @@ Latency definitions (all in seconds, finished requests only unless stated):
 - TPOT: (finish - first token) / (output tokens - 1), a request's mean time per output token;
 - TBT: every gap between consecutive output tokens of a request (pooled over requests for
   the percentiles; per request via `request_tbt_s`).
-`deadline_s` is the absolute first-token deadline a QoS-aware policy scheduled the request
-by (inf if none) and `relegated` whether it was relegated (served best effort, see sim.qos).
-Token times come from the step table: a request records the runs of step indices at whose
-end it emitted a token (`token_steps` = [a1, b1, a2, b2, ...]), so no per-token list is kept.
+`deadline_s` is the first-token deadline a QoS-aware policy used, written when it first
+admitted the request (inf if it never did or the class has no tier), and `relegated` whether
+it was relegated (served best effort, see sim.qos). Token times come from the step table: a
+request records the runs of step indices at whose end it emitted a token (`token_steps` =
+[a1, b1, a2, b2, ...]), so no per-token list is kept; a request served by several replicas
+(cluster control) also records the replica of each run (`token_replicas`).
 Whether a request met its objectives is judged in one place, `sim.qos.violations`;
 `summarize` reports that judgement as SLO attainment and as violation rates.
 """
