@@ -1,9 +1,11 @@
 """One wiring from a composed config to a simulated cluster, shared by every app.
 
 `replica_specs(cfg)` turns `cfg.cluster` (a homogeneous `num_replicas`, or `pools`) into
-`ReplicaSpec`s; `simulate_config(cfg, requests)` builds the router and runs `sim.simulate`
-with the `cfg.sim` options. `experiments.run`, `experiments.capacity` and
-`experiments.reproduce` all call these, so a cluster means the same thing in every app.
+`ReplicaSpec`s; `catalog_specs(cfg)` the configurations a controller may start (every model of
+`cluster.models`); `simulate_config(cfg, requests)` builds the router and the controller
+(`cfg.controller`, if any) and runs `sim.simulate` with the `cfg.sim` options and
+`cluster.control` settings. `experiments.run`, `capacity`, `reproduce` and `validate` all
+call these, so a cluster means the same thing in every app.
 
 A replica's configuration is stated in one place, the cluster (or its pool): the model it
 loads (`model`, a `conf/model` option; default the top-level `model`), its hardware
