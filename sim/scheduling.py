@@ -54,14 +54,19 @@ class EngineLimits:
                              field="max_num_batched_tokens", value=self.max_num_batched_tokens)
 
 
+class PlanError(Exception):
+    """A batch policy returned a plan that breaks the engine's invariants or its own contract
+    (a policy bug). Not a RuntimeError, so `simulate` does not mistake it for a stalled event queue."""
+
+
 class StepPlan:
     """What one engine step does. Invariants (checked by the replica): every scheduled
     request advances by >= 1 token and at most what it has left to compute; the tokens sum
     to at most the budget; at most `max_num_seqs` requests; admitted ⊆ scheduled.
 
     `num_group_decodes` > 0 means every member of the replica's decode group (running
-    requests in steady decode, kept as arrays) also computes one token; only the replica's
-    fast path sets it (see `StepContext.continue_running_fast`)."""
+    requests in steady decode, kept as aggregates) also computes one token; only the fast
+    path sets it (`StepContext.continue_running_fast`, `StepContext.decode_running_fast`)."""
 
     __slots__ = ("scheduled", "num_new_tokens", "admitted", "preempted", "relegated", "num_group_decodes")
 
@@ -103,49 +108,81 @@ class StepPlan:
 
 
 class StepContext:
-    """A replica as its batch policy sees it at the start of a step (see module docstring)."""
+    """A replica as its batch policy sees it at the start of a step (see module docstring):
+    read-only but for `kv.allocate` / `kv.free`. Running requests are reached through the
+    replica's fast path (`sim.fastpath.Batch`), never the replica itself."""
 
-    __slots__ = ("replica_id", "now", "waiting", "kv", "limits", "cost_model", "_replica")
+    __slots__ = ("replica_id", "now", "waiting", "kv", "limits", "cost_model", "_batch")
 
-    def __init__(self, replica, waiting: deque, kv: KVCache, limits: EngineLimits, cost_model: CostModel) -> None:
-        self._replica = replica
-        self.replica_id: int = replica.replica_id
+    def __init__(self, replica_id: int, waiting: deque, kv: KVCache, limits: EngineLimits, cost_model: CostModel,
+                 batch) -> None:
+        self.replica_id = replica_id
         self.now = 0.0
         self.waiting: deque[Request] = waiting
         """Requests not yet running, in queue order (arrival order, preempted ones at the front)."""
         self.kv = kv
         self.limits = limits
         self.cost_model = cost_model
+        self._batch = batch
 
     @property
     def running(self) -> list[Request]:
-        """Requests admitted and holding KV blocks, in admission order, with current counters."""
-        return self._replica.running_list()
+        """Requests admitted and holding KV blocks, in admission order, with current counters
+        (materialises the decode group: the per-request path)."""
+        return self._batch.requests()
 
     @property
     def num_running(self) -> int:
         """How many requests are running (without materialising them)."""
-        return self._replica.num_running
+        return len(self._batch)
 
     def plan_shape(self, plan: StepPlan) -> tuple[int, int, int, int, int]:
         """The cost-model shape of `plan` on this replica (decode-group members included)."""
-        return plan.shape(self._replica.group.ctx_sum() if plan.num_group_decodes else 0)
+        return plan.shape(self._batch.group_context_sum() if plan.num_group_decodes else 0)
 
     def continue_running_fast(self, plan: StepPlan, token_budget: int) -> int | None:
-        """`policies.common.continue_running` in O(1) Python work when its outcome is
-        certain (every running request gets its full demand in admission order and KV
-        suffices); returns the budget left, or None (nothing changed) to take the general path."""
-        return self._replica.continue_running_fast(plan, token_budget)
+        """`policies.common.continue_running` in O(1) Python work per grouped decode when its
+        outcome is certain (every running request gets its full demand in admission order and
+        KV suffices); returns the budget left, or None (nothing changed) to take the general path."""
+        return self._batch.continue_fcfs(plan, token_budget)
+
+    def decode_running_fast(self, plan: StepPlan, token_budget: int) -> list[Request] | None:
+        """Every running decode gets one token, grouped ones as one entry (`num_group_decodes`),
+        when the outcome is certain in any priority order: at most `token_budget` decodes, and
+        free KV blocks for them and for whatever prefill chunks of at most `token_budget`
+        tokens in all this step may take (so no running request can run short of blocks:
+        nobody is preempted). Returns the running
+        requests still prefilling (admission order), or None (nothing changed) to take the
+        per-request path (`policies.edf.decode_first`)."""
+        return self._batch.decode_all(plan, token_budget, self.waiting)
+
+    def group_context_sum(self) -> int:
+        """Context sum of the decodes a plan counts in `num_group_decodes`."""
+        return self._batch.group_context_sum()
+
+    def min_decode_due(self, due) -> float:
+        """Least `a + s * num_output_done` over the decodes a plan counts in
+        `num_group_decodes`, `(a, s) = due(request)` (None leaves a request out), exactly as a
+        loop over them would compute it; inf if none. `due` must be the same callable from step
+        to step and depend only on what is fixed while a request decodes (a new one re-indexes)."""
+        return self._batch.min_due(due)
 
 
 class BatchPolicy(Protocol):
     """Per-replica scheduler: one plan per engine step."""
 
     fast_forward_safe: bool
-    """True if, with no waiting request and no arrival, the policy schedules every running
-    decode each step and nothing else, so the replica may advance many decode steps at once."""
+    """True promises: when every running request is in steady decode and nothing waiting can be
+    admitted (the queue is empty or `max_num_seqs` run), the plan decodes every running request
+    once and nothing else, and leaves the policy's state unchanged. The replica then skips the
+    policy and may advance many decode steps at once (`sim.fastpath`; checked under
+    `check_plans`). False: the policy is asked at every step."""
 
     def schedule(self, ctx: StepContext) -> StepPlan: ...
+
+    # Optional: `forget(request)`, called when a request leaves the replica other than through
+    # the policy's own plans (a controller's eviction or migration): a policy keeping requests
+    # across steps must drop it, so it is never scheduled or counted here again.
 
 
 class ReplicaLoad(Protocol):

@@ -7,10 +7,12 @@ import math
 import numpy as np
 import pytest
 
+from policies.common import continue_running
 from policies.fcfs import FCFS, Sarathi
 from policies.routing import LeastOutstandingRequests, LeastOutstandingTokens, RoundRobin
 from sim.costmodel import ConstantCostModel
 from sim.metrics import request_tbt_s, summarize
+from sim.scheduling import PlanError, StepPlan
 from tests.helpers import run_simple
 
 
@@ -130,3 +132,51 @@ def test_sarathi_caps_every_step_at_its_chunk():
     res = run_simple([(0.0, 1000, 5), (0.0, 300, 5)], policy=lambda: Sarathi(chunk_size=256))
     assert res.steps.eval("num_prefill_tokens + num_decodes").max() <= 256
     assert (res.requests["outcome"] == "finished").all()
+
+
+# ------------------------------------------------------------ fast-path contracts
+
+
+class EveryOtherStepOneDecode(FCFS):
+    """Decodes only the oldest running request at every second step with nothing waiting:
+    a legitimate policy, but not fast-forward safe, though it claims to be."""
+
+    fast_forward_safe = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def schedule(self, ctx):
+        self.calls += 1
+        if self.calls % 2 or ctx.waiting:
+            return super().schedule(ctx)
+        plan = StepPlan()
+        continue_running(ctx, plan, 1, ctx.running)
+        return plan
+
+
+class SkewedDecodes(ConstantCostModel):
+    """Its `decode_step_time_fn` disagrees with `step_time_s` by a nanosecond."""
+
+    def decode_step_time_fn(self, num_decodes):
+        return lambda decode_context_sum: self.base_s + 1e-9
+
+
+def test_check_plans_holds_a_policy_to_its_fast_forward_safe_claim():
+    # Both prompts prefill in [0,1) and emit; nothing waits: the replica would skip the policy
+    # from now on. Under check_plans it asks anyway, and the policy decodes only request 0.
+    rows = [(0.0, 4, 10), (0.0, 4, 10)]
+    with pytest.raises(PlanError, match="fast_forward_safe"):
+        run_simple(rows, policy=EveryOtherStepOneDecode)
+    res = run_simple(rows, policy=EveryOtherStepOneDecode, fast_forward=False)  # asked every step: fine
+    # request 0 gets a token every step (finished at 10); request 1 at odd calls until then
+    # (tokens at 1, 3, 5, 7, 9), then at every step alone (11 to 15)
+    assert res.requests["finish_s"].tolist() == [10.0, 15.0]
+
+
+def test_check_plans_holds_a_cost_model_to_its_decode_step_time_fn():
+    with pytest.raises(PlanError, match="decode_step_time_fn"):
+        run_simple([(0.0, 4, 10)], cost=SkewedDecodes(1.0))
+    res = run_simple([(0.0, 4, 10)], cost=SkewedDecodes(1.0), fast_forward=False)  # never used step by step
+    assert res.requests["finish_s"].tolist() == [10.0]
