@@ -14,9 +14,13 @@ something whenever the replica holds a request. EDF's priority is the absolute f
 deadline `arrival + first-token deadline` of the request's QoS tier (see `sim.qos`).
 
 A waiting request's key does not change while it waits, so each policy keeps the waiting
-queue as a heap across steps (`WaitingHeap`) instead of sorting it every step. A step with
-nothing waiting and at most one running prefill (`PrefillTracker`) is the same whatever
-the priority, so it takes the replica's O(1) decode-group path (`fast_step`).
+queue as a heap across steps (`WaitingHeap`) instead of sorting it every step. Decodes come
+first in any priority order, so when they all fit (the budget, and KV blocks for them and for
+every running prefill's chunk, so nobody can be preempted) the replica's fast path schedules
+the decode group in O(1) (`StepContext.decode_running_fast`) and only the running prefills
+and the queue are looked at one by one; a step with nothing waiting and at most one running
+prefill (`PrefillTracker`) is the same whatever the priority (`fast_step`). Both requests kept
+across steps (queue, tracker) are dropped when a request leaves other than by a plan (`forget`).
 """
 
 from __future__ import annotations
@@ -111,6 +115,13 @@ class WaitingHeap:
     def note_preempted(self, victims: list[Request]) -> None:
         self._pending.extend(victims)
 
+    def forget(self, req: Request) -> None:
+        """`req` left the waiting queue other than by this policy's plan: drop it."""
+        self._pending = [r for r in self._pending if r is not req]
+        if self._members.pop(id(req), None) is not None:
+            self._heap = [e for e in self._heap if e[2] is not req]
+            heapq.heapify(self._heap)
+
     def __len__(self) -> int:
         return len(self._heap)
 
@@ -136,6 +147,10 @@ class PrefillTracker:
 
     def requests(self) -> list[Request]:
         return list(self._busy.values()) if self._busy else []
+
+    def forget(self, req: Request) -> None:
+        """`req` left the replica other than by this policy's plan: no longer running here."""
+        self._busy.pop(id(req), None)
 
 
 def fast_step(ctx: StepContext, tracker: PrefillTracker, token_budget: int, *, prefills_ok: bool) -> StepPlan | None:
@@ -201,6 +216,10 @@ class Victims:
         return returned
 
 
+_NO_VICTIMS = Victims([], None)
+"""For a step in which no running request can run short of blocks (allocating never fails)."""
+
+
 def _unschedule(plan: StepPlan, req: Request) -> int:
     """Take `req` out of the plan's scheduled requests; its tokens (0 if it was not there)."""
     for i, r in enumerate(plan.scheduled):
@@ -247,6 +266,21 @@ def decode_first(ctx: StepContext, plan: StepPlan, token_budget: int,
     if gone:
         prefills = [kr for kr in prefills if id(kr[1]) not in gone]
     return prefills, victims
+
+
+def decode_pass(ctx: StepContext, plan: StepPlan, token_budget: int,
+                key: PriorityKey) -> tuple[list[tuple], Victims | None]:
+    """`decode_first`, through the replica's fast path when its outcome is certain (every
+    decode fits and nobody can be preempted: `StepContext.decode_running_fast`): the decode
+    group is then one entry of the plan and only running prefills are keyed."""
+    prefilling = ctx.decode_running_fast(plan, token_budget)
+    if prefilling is None:
+        return decode_first(ctx, plan, token_budget, key)
+    if not prefilling:
+        return [], _NO_VICTIMS
+    keyed = [(key(r), r) for r in prefilling]
+    keyed.sort(key=itemgetter(0))
+    return keyed, _NO_VICTIMS
 
 
 def schedule_prefills(ctx: StepContext, plan: StepPlan, token_budget: int, running_prefills: list[tuple],
@@ -341,26 +375,21 @@ class PriorityBatching:
         fast = fast_step(ctx, self.prefills, budget, prefills_ok=True)
         if fast is not None:
             return fast
-        if not self.prefills.requests():
-            # No running prefill: the decode pass is the same in any order, so let the replica
-            # do it in O(1); the waiting queue then gets the budget left in key order.
-            plan = StepPlan()
-            left = ctx.continue_running_fast(plan, budget)
-            if left is not None:
-                if left > 0:
-                    self.queue.sync(ctx.waiting)
-                    schedule_prefills(ctx, plan, left, [], None, self.queue)
-                self.prefills.note(plan)
-                return plan
         plan = StepPlan()
         self.queue.sync(ctx.waiting)
-        prefills, victims = decode_first(ctx, plan, budget, self.key)
-        budget -= len(plan.scheduled)
+        prefills, victims = decode_pass(ctx, plan, budget, self.key)
+        budget -= len(plan)
         if victims is not None and budget > 0:
             schedule_prefills(ctx, plan, budget, prefills, victims, self.queue)
         self.queue.note_preempted(plan.preempted)
         self.prefills.note(plan)
         return plan
+
+    def forget(self, req: Request) -> None:
+        """`req` left the replica other than by this policy's plans (a controller's eviction or
+        migration): it is no longer queued or running here."""
+        self.queue.forget(req)
+        self.prefills.forget(req)
 
 
 class EDF(PriorityBatching):

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from policies.edf import Deadlines, PrefillTracker, WaitingHeap, decode_first, fast_step, schedule_prefills
+from policies.edf import Deadlines, PrefillTracker, WaitingHeap, decode_pass, fast_step, schedule_prefills
 from sim.costmodel import CostModel
 from sim.errors import InputError
 from sim.qos import QoS
@@ -124,6 +124,7 @@ class Niyama:
         self.queue = WaitingHeap(self.key)
         self.prefills = PrefillTracker()
         self._tbt = {name: tier.decode_target_s for name, tier in self.qos.tiers.items()}
+        self._grids: dict[tuple[bool, int], tuple[int, ...]] = {}
         if self.alpha_s_per_token < 0:
             raise InputError("must be >= 0", field="alpha_s_per_token", value=alpha_s_per_token)
         if self.chunk_size < 1:
@@ -155,8 +156,8 @@ class Niyama:
         self.queue.sync(ctx.waiting)
         if self.prefill_tps is None:
             self.prefill_tps = self._initial_prefill_tps(ctx)
-        prefills, victims = decode_first(ctx, plan, step_cap, self.key)
-        num_decodes = len(plan.scheduled)
+        prefills, victims = decode_pass(ctx, plan, step_cap, self.key)
+        num_decodes = len(plan)
         if victims is not None and (prefills or (self.queue and not plan.preempted)):
             if self.dynamic_chunking:
                 # Prefill context of the most urgent candidate (a waiting one has computed nothing).
@@ -181,6 +182,9 @@ class Niyama:
         now = ctx.now
         min_slack = math.inf
         decode_ctx = 0
+        if plan.num_group_decodes:  # the decode group: its least due time, in O(1)
+            decode_ctx = ctx.group_context_sum()
+            min_slack = ctx.min_decode_due(self._due) - now
         tbt_of = self._tbt
         for req in plan.scheduled:
             decode_ctx += req.num_computed_tokens
@@ -195,10 +199,29 @@ class Niyama:
         kv = ctx.kv
         low = kv.num_free_blocks * kv.block_size < self.low_kv_free_tokens
         max_tokens = ctx.limits.max_num_batched_tokens
-        grid = tuple(t for t in (self.low_kv_chunk_grid if low else self.chunk_grid) if t <= max_tokens) or (max_tokens,)
-        return choose_step_tokens(min_slack, ctx.cost_model, num_decodes=len(plan.scheduled),
+        grid = self._grids.get((low, max_tokens))
+        if grid is None:
+            grid = tuple(t for t in (self.low_kv_chunk_grid if low else self.chunk_grid) if t <= max_tokens) or (
+                max_tokens,)
+            self._grids[(low, max_tokens)] = grid
+        return choose_step_tokens(min_slack, ctx.cost_model, num_decodes=len(plan),
                                   decode_context_sum=decode_ctx, prefill_context=head_context,
                                   grid=grid, safety_factor=self.safety_factor)
+
+    def _due(self, req: Request) -> tuple[float, float] | None:
+        """When `req`'s next decode token is due: `first + tbt * num_output_done` (see
+        `step_tokens`); `first` and `tbt` are fixed while it decodes."""
+        tbt = self._tbt.get(req.qos_class)
+        if tbt is None:
+            return None
+        deadline = self.deadline(req)
+        return (req.first_token_s if req.first_token_s > deadline else deadline), tbt
+
+    def forget(self, req: Request) -> None:
+        """`req` left the replica other than by this policy's plans (a controller's eviction or
+        migration): it is no longer queued or running here."""
+        self.queue.forget(req)
+        self.prefills.forget(req)
 
     # ------------------------------------------------------------ relegation
     def _should_relegate(self, now: float):

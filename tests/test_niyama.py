@@ -317,6 +317,77 @@ def test_niyama_fast_forward_gives_the_same_requests(wl, kv):
     pd.testing.assert_frame_equal(a.requests[cols], b.requests[cols], rtol=1e-9)
 
 
+# ------------------------------------------------------ requests leaving by a controller
+
+
+class HeldOnly:
+    """A batch policy wrapper: every request a plan schedules must be held by the replica (a
+    request that left is never scheduled on its old replica); records `forget` calls."""
+
+    def __init__(self, inner, forgotten: list) -> None:
+        self.inner, self.forgotten = inner, forgotten
+        self.fast_forward_safe = inner.fast_forward_safe
+
+    def schedule(self, ctx):
+        plan = self.inner.schedule(ctx)
+        for req in plan.scheduled + plan.admitted:
+            assert req.replica == ctx.replica_id, f"{req} scheduled on replica {ctx.replica_id}, held by {req.replica}"
+        return plan
+
+    def forget(self, req) -> None:
+        self.forgotten.append((req.request_id, req.replica))
+        self.inner.forget(req)
+
+
+class EvictAt:
+    """A scripted controller: at t=1.5, evict requests 0 and 1 (recomputed wherever they resume)."""
+
+    tick_s, wake_on, dispatch = 1.5, frozenset(), "push"
+
+    def control(self, event, view):
+        from sim.control import TICK, Evict
+
+        return [Evict(0), Evict(1)] if event == TICK and view.now == 1.5 else []
+
+
+class ToReplicaZero:
+    def route(self, request, replicas, now):
+        return 0
+
+
+@pytest.mark.parametrize("ff", [True, False])
+@pytest.mark.parametrize("make", [lambda slo: EDF(slo), lambda slo: Niyama(slo)], ids=["edf", "niyama"])
+def test_a_request_evicted_waiting_or_running_is_forgotten_and_never_scheduled_on_its_old_replica(make, ff):
+    # Replica 0 (budget 16 tokens, one sequence, 1 s a step) runs request 0's 64-token prompt
+    # in chunks of 16 from 0 (a running prefill) while requests 1 and 2 wait. At 1.5 the
+    # controller evicts request 1 (waiting: it leaves at once; idle replica 1 pulls it: tokens
+    # at 2.5 and 3.5) and request 0 (running: it leaves at the end of the step in flight, at 2,
+    # after 32 tokens, to the cluster queue; replica 0 then runs request 2). Replica 1 pulls
+    # request 0 at 3.5 and recomputes its prompt in 4 steps: tokens at 7.5, 8.5, 9.5. The
+    # policy of replica 0 forgets both and never schedules them while they are elsewhere.
+    slo = tiers(t0={"ttft_s": 5.0, "tbt_s": 1.0}, t1={"ttft_s": 20.0, "tbt_s": 1.0})  # request 0 goes first
+    wl = pd.DataFrame({"arrival_s": [0.0, 0.0, 0.0], "num_prompt_tokens": [64, 8, 8],
+                       "num_output_tokens": [3, 2, 2], "qos_class": ["t0", "t1", "t1"], "model": ["A"] * 3})
+    forgotten: dict[int, list] = {}
+    policies = []
+
+    def factory():
+        policies.append(make(slo))
+        return HeldOnly(policies[-1], forgotten.setdefault(len(policies) - 1, []))
+
+    spec = ReplicaSpec(COST, factory, EngineLimits(max_num_seqs=1, max_num_batched_tokens=16), num_kv_blocks=4000,
+                       block_size=16, model="A")
+    res = simulate(wl, [spec, spec], ToReplicaZero(), controller=EvictAt(), check_plans=True, fast_forward=ff)
+    r = res.requests.set_index("request_id")
+    assert (r["outcome"] == "finished").all()
+    assert r["num_evictions"].tolist() == [1, 1, 0]
+    assert r["replica"].tolist() == [1, 1, 0]
+    assert r["first_token_s"].tolist() == [7.5, 2.5, 3.0] and r["finish_s"].tolist() == [9.5, 3.5, 4.0]
+    assert sorted(forgotten[0]) == [(0, 0), (1, 0)]
+    queue, prefills = policies[0].queue, policies[0].prefills
+    assert not queue._members and not queue._heap and not prefills.requests()
+
+
 # ------------------------------------------------------------------ siloed pools
 
 
