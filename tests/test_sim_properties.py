@@ -313,3 +313,82 @@ def test_requests_are_freed_when_a_run_ends_and_the_collector_is_restored():
     assert alive < n / 10  # at most those in each replica's last step plan (was: all of them)
     simulate(wl.head(10), [spec], RoundRobin())
     assert gc.isenabled()
+
+
+@st.composite
+def due_scripts(draw):
+    """Members of a decode group with due-time terms `(a, s)` and output tokens so far, built
+    to tie in exact arithmetic and differ by rounding: twins `(x + s * k, s)` at `n` tokens and
+    `(x, s)` at `n + k` tokens, on the tiers' grids; and a script of joins, steps, completions
+    and dissolutions (every member of the group computes a token each step)."""
+    slopes = draw(st.lists(st.sampled_from([0.05, 0.4, 0.1, 1 / 3, 0.0, 1e-3, 0.07]), min_size=1, max_size=3))
+    members = []
+    for _ in range(draw(st.integers(1, 12))):
+        kind = draw(st.sampled_from(["twins", "twins", "twins", "any", "inf", "none"]))
+        s = draw(st.sampled_from(slopes))
+        done = draw(st.integers(1, 60))
+        if kind == "twins":
+            x = draw(st.sampled_from([0.0, 1.0, 6.0, 0.3, 600.0, 1e5])) + draw(st.sampled_from([0.0, 0.1, 1 / 7]))
+            k = draw(st.integers(1, 40))
+            members += [((x + s * k, s), done), ((x, s), done + k)]
+        elif kind == "any":
+            members.append(((draw(st.floats(-1e6, 1e6)), s), done))
+        elif kind == "inf":
+            members.append(((math.inf, s), done))
+        else:
+            members.append((None, done))
+    order = draw(st.permutations(range(len(members))))
+    ops = draw(st.lists(st.sampled_from(["add", "add", "step", "steps", "finish", "dissolve"]), max_size=40))
+    return [members[i] for i in order], ops, draw(st.integers(0, 2**32 - 1))
+
+
+@settings(max_examples=_examples(200), **PROPERTY)
+@given(due_scripts())
+def test_the_least_due_time_of_a_decode_group_is_the_loop_over_its_members_bit_for_bit(script):
+    from sim.decodes import DecodeGroup
+    from sim.request import Request
+
+    members, ops, seed = script
+    rng = np.random.default_rng(seed)
+    group = DecodeGroup(16)
+    terms = {}
+
+    def due(req):
+        return terms[req.request_id]
+
+    def loop_min():
+        group.sync()
+        best = math.inf
+        for req in group.members:
+            t = due(req)
+            if t is not None:
+                v = t[0] + t[1] * req.num_output_done
+                if v < best:
+                    best = v
+        return best
+
+    joined = 0
+    for op in ops + ["add"] * len(members):
+        if op == "add" and joined < len(members):
+            joining = []
+            for _ in range(min(int(rng.integers(1, 4)), len(members) - joined)):
+                t, done = members[joined]
+                # joins the group having done `done - steps so far` tokens: twins stay tied
+                done = max(done - group.clock, 1)
+                req = Request(joined, 0.0, 10, done + int(rng.integers(1, 300)))
+                req.num_output_done, req.num_computed_tokens, req.admit_seq = done, 10 + done - 1, joined
+                req.token_steps, req.last_token_step = [0, 0], 0
+                terms[joined] = t
+                joining.append(req)
+                joined += 1
+            group.add(joining)
+        elif op in ("step", "steps") and group.members:
+            group.advance(min(1 if op == "step" else int(rng.integers(2, 30)), group.min_remaining()))
+            group.take_finished()
+        elif op == "finish" and group.members:
+            group.advance(group.min_remaining())
+            group.take_finished()
+        elif op == "dissolve":
+            group.add(group.dissolve())
+        if group.members:
+            assert group.min_due(due) == loop_min()
