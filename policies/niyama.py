@@ -47,10 +47,13 @@ def choose_step_tokens(min_slack_s: float, cost_model: CostModel, *, num_decodes
     best = grid[0]
     if min_slack_s <= 0:
         return best
+    step_time_s = cost_model.step_time_s
     for total in grid:
-        prefill = max(0, total - num_decodes)
-        t = cost_model.step_time_s(prefill, prefill_context, num_decodes, decode_context_sum,
-                                   num_decodes + (1 if prefill else 0))
+        prefill = total - num_decodes
+        if prefill > 0:
+            t = step_time_s(prefill, prefill_context, num_decodes, decode_context_sum, num_decodes + 1)
+        else:
+            t = step_time_s(0, prefill_context, num_decodes, decode_context_sum, num_decodes)
         if safety_factor * t <= min_slack_s:
             best = total
         else:
@@ -157,7 +160,7 @@ class Niyama:
         if self.prefill_tps is None:
             self.prefill_tps = self._initial_prefill_tps(ctx)
         prefills, victims = decode_pass(ctx, plan, step_cap, self.key)
-        num_decodes = len(plan)
+        num_decodes = len(plan.scheduled) + plan.num_group_decodes
         if victims is not None and (prefills or (self.queue and not plan.preempted)):
             if self.dynamic_chunking:
                 # Prefill context of the most urgent candidate (a waiting one has computed nothing).
@@ -204,7 +207,7 @@ class Niyama:
             grid = tuple(t for t in (self.low_kv_chunk_grid if low else self.chunk_grid) if t <= max_tokens) or (
                 max_tokens,)
             self._grids[(low, max_tokens)] = grid
-        return choose_step_tokens(min_slack, ctx.cost_model, num_decodes=len(plan),
+        return choose_step_tokens(min_slack, ctx.cost_model, num_decodes=len(plan.scheduled) + plan.num_group_decodes,
                                   decode_context_sum=decode_ctx, prefill_context=head_context,
                                   grid=grid, safety_factor=self.safety_factor)
 
