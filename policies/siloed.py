@@ -2,17 +2,15 @@
 
 "Today's practice" that Niyama is compared with: interactive traffic goes to one pool,
 batch-like traffic to another, and pools never share replicas. A replica belongs to the pool
-its name starts with (`experiments.run.build_replicas` names pool replicas `<pool><index>`;
+its name starts with (`experiments.wiring.replica_specs` names pool replicas `<pool><index>`;
 the longest matching pool name wins). Inside a pool the router picks the replica with the
-fewest outstanding requests. `best_split` searches the ways to divide N replicas between the
-pools for the one a caller-supplied capacity function rates highest.
+fewest outstanding requests. Searching the ways to divide N replicas between the pools is
+`planner.capacity.best_split`.
 """
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from sim.errors import InputError
 from sim.request import Request
@@ -79,34 +77,3 @@ class SiloedRouter:
             raise InputError(f"pool {pool!r} has no replica among {names}; name pool replicas '<pool><index>'",
                              field="cluster.pools", value=pool)
         return best
-
-
-def splits(num_replicas: int, num_pools: int, min_per_pool: int = 1) -> list[tuple[int, ...]]:
-    """Every way to give `num_replicas` replicas to `num_pools` pools in order, at least
-    `min_per_pool` each (compositions of N), in lexicographic order."""
-    if num_pools < 1 or min_per_pool < 0 or num_replicas < num_pools * min_per_pool:
-        raise InputError(f"cannot split {num_replicas} replicas into {num_pools} pools of >= {min_per_pool}",
-                         field="num_replicas", value=num_replicas)
-    out = []
-    for cuts in itertools.combinations(range(1, num_replicas - num_pools * min_per_pool + num_pools), num_pools - 1):
-        bounds = (0, *cuts, num_replicas - num_pools * min_per_pool + num_pools)
-        out.append(tuple(b - a - 1 + min_per_pool for a, b in zip(bounds, bounds[1:])))
-    return out
-
-
-@dataclass(frozen=True)
-class SplitResult:
-    """The best split found and every split's capacity (QPS), in search order."""
-
-    best: tuple[int, ...]
-    best_capacity_qps: float
-    capacities: dict[tuple[int, ...], float]
-
-
-def best_split(num_replicas: int, num_pools: int, capacity_qps: Callable[[tuple[int, ...]], float],
-               min_per_pool: int = 1) -> SplitResult:
-    """Rate every split of `num_replicas` between `num_pools` pools with `capacity_qps`
-    (e.g. a capacity search of the siloed cluster) and return the best (ties: first)."""
-    capacities = {s: float(capacity_qps(s)) for s in splits(num_replicas, num_pools, min_per_pool)}
-    best = max(capacities, key=lambda s: capacities[s])
-    return SplitResult(best, capacities[best], capacities)

@@ -18,7 +18,7 @@ from policies.edf import EDF
 from policies.fcfs import FCFS, Sarathi
 from policies.niyama import CHUNK_GRID, LOW_KV_CHUNK_GRID, Niyama, choose_step_tokens
 from policies.routing import RoundRobin
-from policies.siloed import SiloedRouter, best_split, splits
+from policies.siloed import SiloedRouter
 from policies.srpf import SRPF
 from sim.cluster import ReplicaSpec, simulate
 from sim.costmodel import ConstantCostModel
@@ -423,11 +423,3 @@ def test_siloed_router_rejects_unknown_classes_and_empty_pools():
         SiloedRouter({"a": ["t0"], "b": ["t0"]})
 
 
-def test_splits_and_best_split():
-    assert splits(4, 2) == [(1, 3), (2, 2), (3, 1)]
-    assert splits(4, 3) == [(1, 1, 2), (1, 2, 1), (2, 1, 1)]
-    assert len(splits(6, 2, min_per_pool=2)) == 3
-    # capacity limited by the scarcer pool
-    result = best_split(4, 2, lambda s: min(s[0] * 4.0, s[1] * 3.0))
-    assert result.best == (2, 2) and result.best_capacity_qps == 6.0
-    assert set(result.capacities) == {(1, 3), (2, 2), (3, 1)}
