@@ -421,5 +421,3 @@ def test_siloed_router_rejects_unknown_classes_and_empty_pools():
         simulate(wl, _siloed_specs({"inter": 2}), router)
     with pytest.raises(InputError, match="two pools"):
         SiloedRouter({"a": ["t0"], "b": ["t0"]})
-
-
