@@ -128,6 +128,7 @@ class Niyama:
         self.prefills = PrefillTracker()
         self._tbt = {name: tier.decode_target_s for name, tier in self.qos.tiers.items()}
         self._grids: dict[tuple[bool, int], tuple[int, ...]] = {}
+        self._due_fn = self._due  # one callable for StepContext.min_decode_due
         if self.alpha_s_per_token < 0:
             raise InputError("must be >= 0", field="alpha_s_per_token", value=alpha_s_per_token)
         if self.chunk_size < 1:
@@ -172,8 +173,9 @@ class Niyama:
             budget = total - num_decodes
             if budget > 0:
                 schedule_prefills(ctx, plan, budget, prefills, victims, self.queue,
-                                  self._should_relegate(ctx.now) if self.relegation else None)
-        self.queue.note_preempted(plan.preempted)
+                                  self._should_relegate(ctx.now) if self.relegation and self.queue else None)
+        if plan.preempted:
+            self.queue.note_preempted(plan.preempted)
         self.prefills.note(plan)
         if plan.admitted:
             self.deadline.record(plan.admitted)
@@ -187,7 +189,7 @@ class Niyama:
         decode_ctx = 0
         if plan.num_group_decodes:  # the decode group: its least due time, in O(1)
             decode_ctx = ctx.group_context_sum()
-            min_slack = ctx.min_decode_due(self._due) - now
+            min_slack = ctx.min_decode_due(self._due_fn) - now
         tbt_of = self._tbt
         for req in plan.scheduled:
             decode_ctx += req.num_computed_tokens

@@ -148,7 +148,7 @@ class DecodeGroup:
         """Least due time `a + s * num_output_done` over members, `(a, s) = fn(member)` (inf if
         none); `fn` is kept to track members as they join and leave (a new `fn` re-indexes)."""
         due = self.due
-        if due is None or due.fn != fn:
+        if due is None or (due.fn is not fn and due.fn != fn):
             due = self.due = DueTimes(fn)
             for req, (_, rem0) in self.members.items():
                 due.add(req, req.num_output_tokens - rem0)

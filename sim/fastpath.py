@@ -154,12 +154,6 @@ class Batch:
     def held(self) -> list[Request]:
         return self.prefilling + list(self.group.members)
 
-    def group_context_sum(self) -> int:
-        return self.group.ctx_sum()
-
-    def min_due(self, fn: DueFn) -> float:
-        return self.group.min_due(fn)
-
     # ------------------------------------------------------- fast decisions
     def continue_fcfs(self, plan: StepPlan, budget: int) -> int | None:
         """FCFS continuation of running requests (see `StepContext.continue_running_fast`)."""
@@ -319,6 +313,7 @@ class _Probe:
     objects (the group kept), every fast path declined, so the policy decides per request."""
 
     __slots__ = ("running",)
+    group = None  # plans on the per-request path count no grouped decodes
 
     def __init__(self, running: list[Request]) -> None:
         self.running = running
@@ -334,12 +329,6 @@ class _Probe:
 
     def decode_all(self, plan, budget, waiting):
         return None
-
-    def group_context_sum(self) -> int:
-        return 0
-
-    def min_due(self, fn) -> float:
-        raise AssertionError("no decode group on the per-request path")
 
 
 def check_stable_plan(policy, ctx: StepContext, batch: Batch, name: str) -> None:

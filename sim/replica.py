@@ -204,7 +204,8 @@ class Replica:
             plan = schedule(ctx)
             if self.check_plans:
                 self._check(plan)
-            self._commit(plan)
+            if plan.admitted or plan.preempted or plan.relegated:
+                self._commit(plan)
             if not plan.scheduled and not plan.num_group_decodes:
                 if plan.preempted or plan.relegated:
                     continue
@@ -213,7 +214,7 @@ class Replica:
                     f"t={env.now:.6f}s with {len(waiting)} waiting, {self.num_running} running, "
                     f"{kv.num_free_blocks}/{kv.num_blocks} KV blocks free"
                 )
-            if self.fast_forward and self._stable(plan):
+            if self.fast_forward and not plan.scheduled and self._stable(plan):
                 self._stable_ok = True
                 yield from ff.run(len(waiting), advance_group, check)
                 continue
@@ -234,9 +235,7 @@ class Replica:
             self._stable_ok = self.fast_forward and not batch.prefilling and not waiting
 
     def _commit(self, plan: StepPlan) -> None:
-        """Apply preemptions and admissions at the start of the step."""
-        if not (plan.admitted or plan.preempted or plan.relegated):
-            return
+        """Apply preemptions, relegations and admissions at the start of the step."""
         now = self.env.now
         if plan.preempted:
             victims = plan.preempted

@@ -138,7 +138,7 @@ class StepContext:
 
     def plan_shape(self, plan: StepPlan) -> tuple[int, int, int, int, int]:
         """The cost-model shape of `plan` on this replica (decode-group members included)."""
-        return plan.shape(self._batch.group_context_sum() if plan.num_group_decodes else 0)
+        return plan.shape(self._batch.group.ctx_sum() if plan.num_group_decodes else 0)
 
     def continue_running_fast(self, plan: StepPlan, token_budget: int) -> int | None:
         """`policies.common.continue_running` in O(1) Python work per grouped decode when its
@@ -158,14 +158,14 @@ class StepContext:
 
     def group_context_sum(self) -> int:
         """Context sum of the decodes a plan counts in `num_group_decodes`."""
-        return self._batch.group_context_sum()
+        return self._batch.group.ctx_sum()
 
     def min_decode_due(self, due) -> float:
         """Least `a + s * num_output_done` over the decodes a plan counts in
         `num_group_decodes`, `(a, s) = due(request)` (None leaves a request out), exactly as a
         loop over them would compute it; inf if none. `due` must be the same callable from step
         to step and depend only on what is fixed while a request decodes (a new one re-indexes)."""
-        return self._batch.min_due(due)
+        return self._batch.group.min_due(due)
 
 
 class BatchPolicy(Protocol):
