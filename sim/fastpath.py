@@ -121,7 +121,7 @@ class Batch:
     in `group`, and holds KV blocks; after every step `prefilling` holds only requests that did
     not emit a token at it (with `enabled` False, every running request: the group stays empty)."""
 
-    __slots__ = ("prefilling", "group", "kv", "limits", "enabled")
+    __slots__ = ("prefilling", "group", "kv", "limits", "enabled", "waiting_with_tokens")
 
     def __init__(self, kv: KVCache, limits: EngineLimits, enabled: bool) -> None:
         self.prefilling: list[Request] = []
@@ -129,6 +129,9 @@ class Batch:
         self.kv = kv
         self.limits = limits
         self.enabled = enabled
+        self.waiting_with_tokens = 0
+        """Requests that joined the replica's queue with computed tokens and no KV blocks (a KV
+        transfer's arrival; the replica counts them), since the queue last held none."""
 
     def __len__(self) -> int:
         return len(self.prefilling) + len(self.group.members)
@@ -232,9 +235,13 @@ class Batch:
             limits = self.limits
             if waiting:
                 num_chunks += min(len(waiting), max(limits.max_num_seqs - len(self), 0))
-                for r in waiting:
-                    if r.num_computed_tokens:
-                        debt += -(-r.num_computed_tokens // bs) - r.num_blocks
+                if self.waiting_with_tokens:
+                    found = 0
+                    for r in waiting:
+                        if r.num_computed_tokens:
+                            debt += -(-r.num_computed_tokens // bs) - r.num_blocks
+                            found += 1
+                    self.waiting_with_tokens = found
             tokens = budget if limits.enable_chunked_prefill else max(budget, limits.max_num_batched_tokens)
             need += tokens // bs + num_chunks + debt
         if need > free:

@@ -120,6 +120,8 @@ class Replica:
         """Queue an arriving request (already checked with `can_ever_fit`)."""
         request.replica = self.replica_id
         self.waiting.append(request)
+        if request.num_computed_tokens:  # its KV came by transfer: blocks to take again
+            self.batch.waiting_with_tokens += 1
         self.num_outstanding_requests += 1
         work = request.remaining_work_tokens
         self._outstanding_tokens += work

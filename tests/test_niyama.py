@@ -388,6 +388,47 @@ def test_a_request_evicted_waiting_or_running_is_forgotten_and_never_scheduled_o
     assert not queue._members and not queue._heap and not prefills.requests()
 
 
+class ByRequest:
+    def route(self, request, replicas, now):
+        return request.request_id % len(replicas)
+
+
+class MigrateAt:
+    """A scripted controller: at t=4.5, migrate request 0 to replica 1, moving its KV cache."""
+
+    tick_s, wake_on, dispatch = 4.5, frozenset(), "push"
+
+    def control(self, event, view):
+        from sim.control import TICK, Migrate
+
+        return [Migrate(0, 1, mode="transfer")] if event == TICK and view.now == 4.5 else []
+
+
+@pytest.mark.parametrize("ff", [True, False])
+@pytest.mark.parametrize("make", [lambda slo: EDF(slo), lambda slo: Niyama(slo)], ids=["edf", "niyama"])
+def test_a_request_arriving_with_its_kv_cache_is_counted_before_the_decode_pass_is_taken_fast(make, ff):
+    # 1 s steps of 32 tokens, 23 KV blocks of 16 tokens. Request 0 (urgent, prompt 165) computes
+    # 160 tokens on replica 0 by 5 and is migrated with its KV (160 bytes at 320 B/s: on
+    # replica 1 at 5.5, computed tokens kept, no blocks held). Replica 1 runs request 1 (lax,
+    # prompt 300): 192 tokens in 12 blocks at 6, 11 free. At 6 the urgent request goes first and
+    # takes all 11 blocks back (165 tokens), so the running prefill is short and is preempted:
+    # the fast decode pass must not promise that nobody can be, though the step's chunks
+    # (32 tokens) alone would need few blocks.
+    slo = tiers(urgent={"ttft_s": 10.0, "tbt_s": 1.0}, lax={"ttft_s": 100.0, "tbt_s": 1.0})
+    wl = pd.DataFrame({"arrival_s": [0.0, 0.0], "num_prompt_tokens": [165, 300], "num_output_tokens": [3, 2],
+                       "qos_class": ["urgent", "lax"], "model": ["A", "A"]})
+    spec = ReplicaSpec(COST, lambda: make(slo), EngineLimits(max_num_seqs=4, max_num_batched_tokens=32),
+                       num_kv_blocks=23, block_size=16, model="A")
+    from sim.controlplane import ControlSettings
+
+    res = simulate(wl, [spec, spec], ByRequest(), controller=MigrateAt(), check_plans=True, fast_forward=ff,
+                   control=ControlSettings(kv_bytes_per_token=1, kv_transfer_bw_bytes_s=320.0))
+    r = res.requests.set_index("request_id")
+    assert (r["outcome"] == "finished").all() and r["replica"].tolist() == [1, 1]
+    assert r.loc[0, "num_migrations"] == 1 and r.loc[0, "first_token_s"] == 7.0  # 5 tokens in [6, 7)
+    assert r.loc[1, "num_preemptions"] == 1
+
+
 # ------------------------------------------------------------------ siloed pools
 
 
