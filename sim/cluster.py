@@ -21,11 +21,11 @@ import simpy
 
 from sim.costmodel import CostModel
 from sim.control import Controller
-from sim.controlplane import ActionError, Cluster, ControlSettings, route
+from sim.controlplane import ActionError, Cluster, ControlSettings, route  # noqa: F401 (ActionError re-exported)
 from sim.errors import InputError
 from sim.metrics import request_table
 from sim.replica import Replica
-from sim.request import FINISHED, NOT_ARRIVED, REJECTED, UNFINISHED, Request
+from sim.request import NOT_ARRIVED, REJECTED, UNFINISHED, Request
 from sim.scheduling import BatchPolicy, EngineLimits, Router
 from sim.steplog import concat_columns
 

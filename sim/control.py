@@ -205,7 +205,7 @@ class ClusterView:
         self.now = now
         self.replicas: tuple[ReplicaView, ...] = tuple(ReplicaView(r, now) for r in cluster.replicas)
         """Every replica ever started, by id (stopped ones included)."""
-        self.catalog: dict = cluster.catalog_view()
+        self.catalog = cluster.catalog_view()
         """Configuration name -> (model, hardware, tp, load_s) of what AddReplica / Reconfigure may start."""
         self._queue: tuple[RequestView, ...] | None = None
 

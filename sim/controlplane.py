@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from bisect import insort
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
 from sim.control import (ARRIVAL, COMPLETION, DRAINING, EVICT_MODES, RECOMPUTE, REPLICA_STATE, SERVING, START,
@@ -91,6 +92,7 @@ class Cluster:
         self.wake_on = frozenset(getattr(controller, "wake_on", ()) or ())
         self._pull = getattr(controller, "pull", None) or _default_pull
         self._eligible: dict[str, list] = {}
+        self._catalog_view: Mapping[str, dict] | None = None
         self._by_id: dict[int, Request] | None = None
         self._requests: Sequence[Request] = ()
         self.counts = {"num_model_swaps": 0, "num_reconfigurations": 0, "num_evictions": 0, "num_migrations": 0,
@@ -172,16 +174,12 @@ class Cluster:
 
     def _offer(self, only=None) -> None:
         """Let replicas with room pull from the cluster queue (fewest outstanding requests first)."""
-        if not self.queue:
-            return
         while self.queue:
-            reps = [only] if only is not None else sorted(
-                (r for r in self.replicas if self._room(r)), key=lambda r: (r.num_outstanding_requests, r.replica_id))
+            reps = sorted((r for r in ([only] if only is not None else self.replicas) if self._room(r)),
+                          key=lambda r: (r.num_outstanding_requests, r.replica_id))
             took = False
+            view = ClusterView(self, self.env.now)
             for rep in reps:
-                if not self._room(rep):
-                    continue
-                view = ClusterView(self, self.env.now)
                 rid = self._pull(ReplicaView(rep, view.now), view)
                 if rid is None:
                     continue
@@ -428,9 +426,13 @@ class Cluster:
         self._place(req, target)
 
     # -------------------------------------------------------------- read-only
-    def catalog_view(self) -> dict:
-        return {name: {"model": s.model, "hardware": s.hardware, "tp": s.tp,
-                       "load_s": float(s.cost_model.model_load_s())} for name, s in self.catalog.items()}
+    def catalog_view(self) -> Mapping[str, dict]:
+        """Configuration name -> model, hardware, tp and load time (the catalog never changes)."""
+        if self._catalog_view is None:
+            self._catalog_view = MappingProxyType({
+                name: {"model": s.model, "hardware": s.hardware, "tp": s.tp,
+                       "load_s": float(s.cost_model.model_load_s())} for name, s in self.catalog.items()})
+        return self._catalog_view
 
 
 def route(router, req: Request, group: list, now: float):

@@ -8,16 +8,13 @@ emits the first token, each further output token one decode step.
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pandas as pd
 import pytest
 
 from policies.fcfs import FCFS
 from policies.routing import LeastOutstandingRequests
 from sim.cluster import ReplicaSpec, simulate
-from sim.control import (COMPLETION, SERVING, AddReplica, Assign, DrainReplica, Evict, Migrate, RemoveReplica,
+from sim.control import (SERVING, AddReplica, Assign, DrainReplica, Evict, Migrate, RemoveReplica,
                          SwapModel, TICK)
 from sim.controlplane import ControlSettings
 from sim.costmodel import ConstantCostModel
