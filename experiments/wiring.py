@@ -249,11 +249,14 @@ def control_settings(cfg: DictConfig) -> ControlSettings:
 
 
 def simulate_config(cfg: DictConfig, requests, *, replicas: list[ReplicaSpec] | None = None,
-                    progress: bool | None = None) -> SimResult:
+                    progress: bool | None = None, controller=None) -> SimResult:
     """Simulate `requests` (a workload table) on the cluster, router and `sim` options of `cfg`.
-    `replicas` reuses specs already built from `cfg`; `progress` overrides `cfg.sim.progress`."""
+    `replicas` reuses specs already built from `cfg`; `progress` overrides `cfg.sim.progress`;
+    `controller` is a controller object used instead of building `cfg.controller` (so the caller
+    can read its counters after the run)."""
     sim_cfg = cfg.sim
-    controller = _instantiate(cfg.controller, "controller") if cfg.get("controller") is not None else None
+    if controller is None and cfg.get("controller") is not None:
+        controller = _instantiate(cfg.controller, "controller")
     return simulate(
         requests, replica_specs(cfg) if replicas is None else replicas, instantiate(cfg.router),
         horizon_s=sim_cfg.horizon_s, fast_forward=sim_cfg.fast_forward,
