@@ -177,6 +177,9 @@ class GpuSpec:
     host_load_bw_bytes_s: float = 3e9
     """Bandwidth at which weights reach the GPU when a model is loaded (assumed: a local NVMe
     SSD, ~3 GB/s, is the bottleneck, not PCIe)."""
+    price_per_gpu_hour: float | None = None
+    """On-demand list price of one GPU for one hour, USD (the fleet planner's cost; each
+    conf/hardware file cites its source and date); None: unknown. Prices no step time."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -185,6 +188,8 @@ class GpuSpec:
         for f in ("peak_flops", "mem_bw_bytes_s", "interconnect_bw_bytes_s", "host_load_bw_bytes_s"):
             _check_positive_float(owner, f, getattr(self, f))
         _check_positive_float(owner, "mem_bytes", self.mem_bytes)
+        if self.price_per_gpu_hour is not None:
+            _check_positive_float(owner, "price_per_gpu_hour", self.price_per_gpu_hour)
 
 
 def kv_blocks_for(
