@@ -1,0 +1,1 @@
+"""Estimators for cluster policies (waiting times of queued requests)."""
