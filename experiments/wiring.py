@@ -249,11 +249,12 @@ def control_settings(cfg: DictConfig) -> ControlSettings:
 
 
 def simulate_config(cfg: DictConfig, requests, *, replicas: list[ReplicaSpec] | None = None,
-                    progress: bool | None = None, controller=None) -> SimResult:
+                    progress: bool | None = None, controller=None, catalog: dict | None = None) -> SimResult:
     """Simulate `requests` (a workload table) on the cluster, router and `sim` options of `cfg`.
     `replicas` reuses specs already built from `cfg`; `progress` overrides `cfg.sim.progress`;
     `controller` is a controller object used instead of building `cfg.controller` (so the caller
-    can read its counters after the run)."""
+    can read its counters after the run); `catalog` (configuration name -> ReplicaSpec) is used
+    instead of `catalog_specs(cfg)` (a controller's own configurations, e.g. OServe's)."""
     sim_cfg = cfg.sim
     if controller is None and cfg.get("controller") is not None:
         controller = _instantiate(cfg.controller, "controller")
@@ -262,5 +263,6 @@ def simulate_config(cfg: DictConfig, requests, *, replicas: list[ReplicaSpec] | 
         horizon_s=sim_cfg.horizon_s, fast_forward=sim_cfg.fast_forward,
         check_plans=sim_cfg.get("check_plans", False),
         progress=bool(sim_cfg.get("progress", False)) if progress is None else progress,
-        controller=controller, catalog=catalog_specs(cfg) or None, control=control_settings(cfg),
+        controller=controller, catalog=(catalog_specs(cfg) or None) if catalog is None else catalog,
+        control=control_settings(cfg),
     )
