@@ -12,8 +12,8 @@ policies compared):
 - bursty: the same fleet under the Azure conversation trace's arrival times;
 - estimator: QLM's waiting-time estimators against the simulated waits;
 - ablation: QLM with each of its four operations switched off in turn.
-Each variant runs at every load of `qlm.loads` (x `qlm.base_qps`, set at `qlm.rate_key`; a
-part without loads runs once). Writes into the output directory one folder per part
+Each variant (those named in `qlm.variants`, default all) runs at every load of `qlm.loads`
+(x `qlm.base_qps`, set at `qlm.rate_key`; a part without loads runs once). Writes into the output directory one folder per part
 (`points.csv`, plots, and per part what it measures: `timeseries.csv`,
 `wait_predictions_<variant>.csv`), `reproduction_qlm.json` ({part: {variant: {load: metrics}}}
 plus QLM's gains over each baseline) and `reproduction_qlm.md` (the tables).
@@ -150,7 +150,19 @@ def run_part(part: str, cfg: DictConfig, out_dir: Path) -> dict:
     results: dict[str, dict] = {}
     rows, series, waits = [], [], {}
     arrivals = None
-    for label, vcfg in variant_configs(cfg).items():
+    if "controller" not in cfg:  # no controller selected: the key is absent, and a variant may set one
+        cfg = cfg.copy()
+        OmegaConf.set_struct(cfg, False)
+        cfg.controller = None
+    variants = variant_configs(cfg)
+    chosen = (cfg.get("qlm") or {}).get("variants")
+    if chosen is not None:
+        unknown = [v for v in chosen if v not in variants]
+        if unknown or not chosen:
+            raise InputError(f"qlm.variants must name some of {list(variants)}", field="qlm.variants",
+                             value=list(chosen))
+        variants = {v: variants[v] for v in chosen}
+    for label, vcfg in variants.items():
         results[label] = {}
         for load in _loads(cfg):
             rate = None if load is None else load * float(base)
