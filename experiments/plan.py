@@ -104,7 +104,9 @@ def prices(cfg: DictConfig) -> dict[str, float]:
     node = cfg.plan.get("prices")
     given = OmegaConf.to_container(node, resolve=True) if node else {}
     for hw in _list(cfg, "hardware"):
-        price = given.get(hw, _option("hardware", hw, "plan.hardware").get("price_per_gpu_hour"))
+        price = given.get(hw)
+        if price is None:
+            price = _option("hardware", hw, "plan.hardware").get("price_per_gpu_hour")
         if isinstance(price, bool) or not isinstance(price, (int, float)) or not price > 0:
             raise InputError(f"no price per GPU-hour for {hw}: set plan.prices.{hw}=<USD> (or price_per_gpu_hour "
                              f"in conf/hardware/{hw}.yaml, with its source)", field=f"plan.prices.{hw}", value=price)
@@ -297,6 +299,9 @@ def run_plan(cfg: DictConfig, out_dir: str | Path | None = None, base_overrides:
     workload_rate_key(_at_rate(cfg).workload, str(cfg.get("capacity", {}).get("rate_key", "auto"))
                       if cfg.get("capacity") else "auto")
     verify_seeds = [whole_number(s, "plan.verify.seeds", minimum=0) for s in cfg.plan.verify.seeds]
+    max_drain_s = cfg.plan.verify.get("max_drain_s")
+    if max_drain_s is not None and not (isinstance(max_drain_s, (int, float)) and max_drain_s > 0):
+        raise InputError("must be a number of seconds > 0 or null", field="plan.verify.max_drain_s", value=max_drain_s)
     draws, live_about = live_draws(cfg)
     progress = bool(cfg.plan.get("progress", True)) if progress is None else progress
     cap_cfg = _with_requests(cfg, cfg.plan.capacity_requests)
@@ -332,7 +337,9 @@ def run_plan(cfg: DictConfig, out_dir: str | Path | None = None, base_overrides:
         for seed in seeds:
             for m in mem:
                 res = simulate_once(fcfg, qos, settings.rate_qps, seed, m)
-                samples += samples_from_run(res.requests, qos, draws, res.steps)
+                drain_s = float(res.end_s) - float(res.requests["arrival_s"].max())
+                samples += samples_from_run(res.requests, qos, draws, res.steps,
+                                            sustainable=max_drain_s is None or drain_s <= max_drain_s)
                 tables.append(res.requests.drop(columns=["token_steps"], errors="ignore"))
         req = pd.concat(tables, ignore_index=True)
         stats = {"classes": class_stats(tables),
