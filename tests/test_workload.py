@@ -523,7 +523,7 @@ def test_missing_file_and_bad_options_are_input_errors(tmp_path):
         from_trace(str(tmp_path / "nope.csv"))
     path = write(tmp_path, "t.csv", CSV_HEADER + "0,1,1\n")
     with pytest.raises(InputError, match="format"):
-        from_trace(str(path), format="sharegpt")
+        from_trace(str(path), format="parquet")
     with pytest.raises(InputError, match="max_requests"):
         from_trace(str(path), max_requests=0)
     with pytest.raises(InputError, match="target_qps"):
@@ -684,3 +684,27 @@ def test_a_missing_trace_says_how_to_get_it(tmp_path):
         trace_workload(path=str(tmp_path / "nope.csv"), arrival={"kind": "poisson", "rate_qps": 1.0}, num_requests=5)
     with pytest.raises(InputError, match="exactly one of num_requests and duration_s"):
         trace_workload(path=str(tmp_path / "nope.csv"), arrival={"kind": "poisson", "rate_qps": 1.0})
+
+
+def test_sharegpt_lengths_on_another_traces_arrivals_with_a_context_cap_and_model_shares(tmp_path):
+    """ShareGPT length statistics have no clock: their pairs go on the arrival times of another
+    trace; pairs longer than the context are left out of the pool and counted; models are drawn
+    by share."""
+    lengths = write(tmp_path, "sharegpt.csv", "num_prefill_tokens,num_decode_tokens,num_total_tokens,pd_ratio\n"
+                    "10,20,30,0.5\n4000,200,4200,20\n30,40,70,0.75\n")
+    clock = write(tmp_path, "clock.csv", CSV_HEADER + "0.0,5,5\n0.5,5,5\n0.75,5,5\n2.0,5,5\n")
+    assert from_trace(str(lengths)).requests["arrival_s"].tolist() == [0.0, 0.0, 0.0]
+    wl = trace_workload(path=str(lengths), arrival={"kind": "trace", "path": str(clock)}, num_requests=3,
+                        max_total_tokens=4096, model_shares={"a": 0.5, "b": 0.5}, seed=1)
+    req = wl.requests
+    assert req["arrival_s"].tolist() == [0.0, 0.5, 0.75]
+    assert set(zip(req["num_prompt_tokens"], req["num_output_tokens"])) <= {(10, 20), (30, 40)}
+    assert wl.num_filtered["over_max_total_tokens"] == 1
+    assert set(req["model"]) <= {"a", "b"}
+    with pytest.raises(InputError, match="only 4 arrivals"):
+        trace_workload(path=str(lengths), arrival={"kind": "trace", "path": str(clock)}, num_requests=5)
+    with pytest.raises(InputError, match="fits 5 tokens"):
+        trace_workload(path=str(lengths), arrival={"kind": "poisson", "rate_qps": 1.0}, num_requests=2,
+                       max_total_tokens=5)
+    with pytest.raises(InputError, match="unknown key"):
+        trace_workload(path=str(lengths), arrival={"kind": "trace", "path": str(clock), "rate": 2}, num_requests=2)

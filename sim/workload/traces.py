@@ -1,4 +1,4 @@
-"""Trace loaders: Azure LLM inference (2023/2024), BurstGPT, Mooncake JSONL and plain CSV.
+"""Trace loaders: Azure LLM inference (2023/2024), BurstGPT, Mooncake JSONL, plain CSV and ShareGPT lengths.
 
 A reader parses the whole file with vectorised pandas, checks every column at once and
 reports the earliest bad row as one `InputError` naming the file, its 1-based line (the
@@ -33,13 +33,14 @@ from sim.workload.options import (
 )
 from sim.workload.table import Workload, make_requests
 
-FORMATS: tuple[str, ...] = ("azure", "burstgpt", "mooncake", "csv")
+FORMATS: tuple[str, ...] = ("azure", "burstgpt", "mooncake", "csv", "sharegpt")
 """Trace formats `from_trace` reads; "auto" picks one from the extension and header."""
 
 AZURE_COLUMNS = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
 BURSTGPT_COLUMNS = ["Timestamp", "Model", "Request tokens", "Response tokens"]
 MOONCAKE_KEYS = ["timestamp", "input_length", "output_length"]
 CSV_COLUMNS = ["arrival_s", "num_prompt_tokens", "num_output_tokens"]
+SHAREGPT_COLUMNS = ["num_prefill_tokens", "num_decode_tokens"]
 
 
 @dataclass(frozen=True)
@@ -307,7 +308,21 @@ def read_csv(path: Path) -> _Rows:
     return _Rows(lines, arrival_s, prompt, output, _text(table, "model"), _text(table, "qos_class"), num_filtered)
 
 
-_READERS = {"azure": read_azure, "burstgpt": read_burstgpt, "mooncake": read_mooncake, "csv": read_csv}
+def read_sharegpt(path: Path) -> _Rows:
+    """ShareGPT length statistics (Sarathi-Serve's processed traces, e.g.
+    sharegpt_8k_filtered_stats_llama2_tokenizer.csv): num_prefill_tokens, num_decode_tokens.
+    The file has no clock: every row is at 0 s; `trace_workload` puts its length pairs on an
+    arrival process."""
+    table, lines, num_filtered = _read_csv(path, SHAREGPT_COLUMNS)
+    problems = _Problems(path, lines)
+    prompt = _numbers(problems, table, "num_prefill_tokens", whole=True, minimum=0)
+    output = _numbers(problems, table, "num_decode_tokens", whole=True, minimum=0)
+    problems.raise_first()
+    return _Rows(lines, np.zeros(len(lines)), prompt, output, num_filtered=num_filtered)
+
+
+_READERS = {"azure": read_azure, "burstgpt": read_burstgpt, "mooncake": read_mooncake, "csv": read_csv,
+            "sharegpt": read_sharegpt}
 
 
 def detect_format(path: Path) -> str:
@@ -328,6 +343,8 @@ def detect_format(path: Path) -> str:
         return "burstgpt"
     if "arrival_s" in columns:
         return "csv"
+    if "num_prefill_tokens" in columns and "num_decode_tokens" in columns:
+        return "sharegpt"
     raise InputError(
         f"cannot tell the trace format from the header {header[:120]!r}; pass format= one of {list(FORMATS)}",
         path=path,
