@@ -98,7 +98,8 @@ class OServeController:
 
     def __init__(self, prompt_edges: Sequence[float], output_edges: Sequence[float],
                  mean_prompt: Sequence[float], mean_output: Sequence[float], p90_prompt: Sequence[float],
-                 type_counts: Sequence[float] | None = None, window_s: float = 300.0, replan: bool = True,
+                 type_counts: Sequence[float] | None = None, initial_rate_per_s: Sequence[float] | None = None,
+                 window_s: float = 300.0, replan: bool = True,
                  forecaster: str = "exp_smoothing", alpha: float = 0.5, lstm: Mapping | None = None,
                  history: Sequence[Sequence[float]] | None = None, headroom: float = 1.2,
                  tp_degrees: Sequence[int] = DEFAULT_TP_DEGREES, ttft_s: float = 2.0, tpot_s: float = 0.1,
@@ -114,6 +115,9 @@ class OServeController:
         if counts.shape != (n,) or np.any(counts < 0):
             raise InputError(f"needs {n} counts >= 0", field="type_counts", value=list(counts))
         self.stats = TypeStats(counts, *arrays)
+        self.initial_rate = None if initial_rate_per_s is None else np.asarray(initial_rate_per_s, dtype=float)
+        if self.initial_rate is not None and (self.initial_rate.shape != (n,) or np.any(self.initial_rate < 0)):
+            raise InputError(f"needs {n} rates >= 0", field="initial_rate_per_s", value=list(self.initial_rate))
         if not window_s > 0:
             raise InputError("must be > 0 seconds", field="window_s", value=window_s)
         if not headroom > 0:
@@ -167,7 +171,8 @@ class OServeController:
         self.configs = feasible_configs(self._template.model, self._template.gpu, self.num_gpus, self.tp_degrees)
         self.rates = rate_table(self._template, self.configs, self.stats, self.settings)
         self._active = {r.replica_id: r.tp for r in live}
-        demand = self.stats.count / max(self.stats.count.sum(), 1e-9)  # the mix, until a window is seen
+        demand = (self.initial_rate if self.initial_rate is not None
+                  else self.stats.count / max(self.stats.count.sum(), 1e-9))  # the mix, until a window is seen
         if self.initial_weights:
             self._set_router(demand)
 
@@ -204,6 +209,10 @@ class OServeController:
         counts = np.outer(self._window_counts, np.ones(self.types.num_output_bins)) * self._out_share
         self.history.append(counts.reshape(-1))
         self._window_counts[:] = 0
+        if not self.replan:  # static: the starting deployment and its routing stay
+            self.decisions.append({"time_s": view.now, "observed_per_s": (counts.reshape(-1) / self.window_s).tolist(),
+                                   "switched": False})
+            return
         demand = self._forecast()
         ids = sorted(self._active)
         cur = tuple(self._active[i] for i in ids)
@@ -211,7 +220,7 @@ class OServeController:
         cur_plan = max_flow(cur, self.rates, target)
         row = {"time_s": view.now, "forecast_per_s": demand.round(4).tolist(), "current": sorted(cur, reverse=True),
                "served_current": cur_plan.served, "switched": False}
-        if self.replan and self._switch is None:
+        if self._switch is None:
             best = refine(cur, self.configs, self.rates, target, max_iters=self.max_iters)
             gain = (best.served - cur_plan.served) * self.window_s
             keep, drain, add = self._diff(ids, cur, best.deployment)
