@@ -20,7 +20,6 @@ Exit status: 0 ok, 1 an error beyond the tolerance, 2 bad input, 3 the live side
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import math
@@ -28,9 +27,8 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,295 +38,31 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.app import hydra_app
 from experiments.compare import compare_run, error_table, live_tbt_samples, plot_cdfs, plot_over_time, throughput
 from experiments.live.client import LiveRun, ReplayConfig, idle_health_rtt, replay, scrape_once, wait_idle
+from experiments.live.inprocess_mode import run_inprocess
 from experiments.live.metrics import cache_config
 from experiments.live.server import LiveServer, ServerConfig, ServerError
-from experiments.wiring import replica_specs, simulate_config
-from sim.cluster import ReplicaSpec, SimResult
+from experiments.live.simulate import (  # noqa: F401 - re-exported: the names tests and docs use
+    PERCENTILE_KEYS, TARGET, EngineFacts, Report, ServingOverheadCostModel, _clean, engine_replica, live_noise,
+    machine_state, noise_accounting, simulate_like_engine, target_counts, tolerance_violations, with_frontend_latency,
+)
+from experiments.live.workloads import (  # noqa: F401 - re-exported
+    ARRIVAL_PROCESSES, RequestPool, ShapeSpec, burst_workload, load_pool, run_workload,
+)
 from sim.errors import InputError
 from sim.metrics import tbt_samples
 from sim.paths import project_path
 from sim.request import FINISHED
 from sim.scheduling import EngineLimits
-from sim.workload import from_trace
 
 log = logging.getLogger(__name__)
 
-PERCENTILE_KEYS = {50: "p50", 90: "p90", 99: "p99"}
-
-
-# --------------------------------------------------------------------------------- workloads
-
-@dataclass(frozen=True)
-class ShapeSpec:
-    """A workload shape: a trace's lengths (and arrival pattern), scaled for the engine under test."""
-
-    name: str
-    """Label in tables (e.g. 'conv')."""
-    path: str
-    """Trace file (Azure LLM inference CSV or any `sim.workload.from_trace` format)."""
-    format: str = "auto"
-    """Trace format (see `sim.workload.FORMATS`)."""
-    prompt_scale: float = 1.0
-    """Prompt lengths are multiplied by this (then rounded, at least 1)."""
-    output_scale: float = 1.0
-    """Output lengths are multiplied by this (then rounded, at least 1)."""
-    max_prompt_tokens: int | None = None
-    """Longer prompts are clipped to this (counted)."""
-    max_output_tokens: int | None = None
-    """Longer outputs are clipped to this (counted)."""
-    skip_requests: int = 0
-    """Start this many requests into the trace."""
-
-    def __post_init__(self) -> None:
-        for name in ("prompt_scale", "output_scale"):
-            if not getattr(self, name) > 0:
-                raise InputError("must be > 0", field=f"workloads.{self.name}.{name}", value=getattr(self, name))
-        for name in ("max_prompt_tokens", "max_output_tokens"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise InputError("must be a positive integer or null", field=f"workloads.{self.name}.{name}", value=v)
-        if self.skip_requests < 0:
-            raise InputError("must be >= 0", field=f"workloads.{self.name}.skip_requests", value=self.skip_requests)
-
-
-@dataclass
-class RequestPool:
-    """A shape's requests in trace order: trace arrival times and scaled lengths, with clipping counts."""
-
-    name: str
-    trace_arrival_s: np.ndarray
-    num_prompt_tokens: np.ndarray
-    num_output_tokens: np.ndarray
-    num_clipped: dict[str, int] = field(default_factory=dict)
-    source: str = ""
-
-    def __len__(self) -> int:
-        return len(self.trace_arrival_s)
-
-
-def load_pool(spec: ShapeSpec, max_model_len: int) -> RequestPool:
-    """Read the trace, scale and clip lengths so every request fits the engine's `max_model_len`."""
-    wl = from_trace(spec.path, format=spec.format)
-    df = wl.requests.iloc[spec.skip_requests:]
-    if df.empty:
-        raise InputError(f"no requests left after skipping {spec.skip_requests}", path=spec.path,
-                         field=f"workloads.{spec.name}.skip_requests", value=spec.skip_requests)
-    p = np.maximum(1, np.rint(df["num_prompt_tokens"].to_numpy() * spec.prompt_scale)).astype(np.int64)
-    o = np.maximum(1, np.rint(df["num_output_tokens"].to_numpy() * spec.output_scale)).astype(np.int64)
-    clipped = {}
-    if spec.max_prompt_tokens is not None:
-        clipped["prompt_clipped"] = int((p > spec.max_prompt_tokens).sum())
-        p = np.minimum(p, spec.max_prompt_tokens)
-    if spec.max_output_tokens is not None:
-        clipped["output_clipped"] = int((o > spec.max_output_tokens).sum())
-        o = np.minimum(o, spec.max_output_tokens)
-    o = np.minimum(o, max_model_len - 1)
-    too_long = p + o > max_model_len
-    clipped["prompt_clipped_to_max_model_len"] = int(too_long.sum())
-    p = np.where(too_long, max_model_len - o, p)
-    t = df["arrival_s"].to_numpy(dtype=float)
-    return RequestPool(spec.name, t - t[0], p, o, clipped, wl.source)
-
-
-ARRIVAL_PROCESSES = ("poisson", "trace")
-
-
-def run_workload(pool: RequestPool, rate_qps: float, num_requests: int, arrivals: str = "poisson",
-                 seed: int = 0) -> pd.DataFrame:
-    """The first `num_requests` of the pool (lengths unchanged) arriving at `rate_qps` on average:
-    `poisson` draws exponential gaps (the same unit gaps at every rate, from `seed`); `trace` keeps
-    the trace's own arrival pattern, rescaled so the last request arrives at (n - 1) / rate_qps."""
-    n = min(num_requests, len(pool))
-    if n < 1 or not rate_qps > 0:
-        raise InputError("a run needs >= 1 request and a rate > 0", field="rate_qps", value=rate_qps)
-    if arrivals == "poisson":
-        gaps = np.random.default_rng(seed).exponential(1.0, size=n)
-        gaps[0] = 0.0
-        arrival = np.cumsum(gaps) / rate_qps
-    elif arrivals == "trace":
-        t = pool.trace_arrival_s[:n]
-        span = t[-1] - t[0]
-        arrival = (t - t[0]) * ((n - 1) / rate_qps / span) if span > 0 else np.arange(n) / rate_qps
-    else:
-        raise InputError(f"unknown arrival process; choose one of {list(ARRIVAL_PROCESSES)}", field="arrivals",
-                         value=arrivals)
-    return _requests(pool, arrival)
-
-
-def burst_workload(pool: RequestPool, num_requests: int) -> pd.DataFrame:
-    """The first `num_requests` of the pool, all arriving at once (a backlog)."""
-    return _requests(pool, np.zeros(min(num_requests, len(pool))))
-
-
-def _requests(pool: RequestPool, arrival_s: np.ndarray) -> pd.DataFrame:
-    """The first len(arrival_s) requests of the pool at the given arrival times."""
-    n = len(arrival_s)
-    return pd.DataFrame({"request_id": np.arange(n, dtype=np.int64), "arrival_s": arrival_s,
-                         "num_prompt_tokens": pool.num_prompt_tokens[:n],
-                         "num_output_tokens": pool.num_output_tokens[:n]})
-
-
-# --------------------------------------------------------------------------------- simulation
-
-@dataclass(frozen=True)
-class EngineFacts:
-    """What the live engine resolved: the simulated replica copies it."""
-
-    num_kv_blocks: int
-    block_size: int
-    limits: EngineLimits
-
-
-def engine_replica(cfg: DictConfig, engine: EngineFacts | None = None) -> ReplicaSpec:
-    """The simulated replica, built by the one wiring (`experiments.wiring.replica_specs`) from
-    `cfg.cluster` (one replica with the server's limits), `cfg.policy` and `cfg.costmodel`; with
-    `engine`, the KV blocks and block size the live engine reports. InputError if the cluster
-    is not one replica or its limits differ from the engine's."""
-    node = cfg.copy()
-    OmegaConf.set_struct(node, False)
-    if engine is not None:
-        node.cluster.num_kv_blocks = engine.num_kv_blocks
-        node.cluster.block_size = engine.block_size
-    specs = replica_specs(node)
-    if len(specs) != 1:
-        raise InputError("validation simulates the one served engine: give one replica", field="cluster.num_replicas",
-                         value=len(specs))
-    if engine is not None and specs[0].limits != engine.limits:
-        raise InputError(f"the simulated replica's limits {specs[0].limits} differ from the served engine's "
-                         f"{engine.limits}; leave cluster's limits to the server settings", field="cluster")
-    return specs[0]
-
-
-def simulate_like_engine(cfg: DictConfig, requests: pd.DataFrame, replica: ReplicaSpec,
-                         cost_model=None) -> SimResult:
-    """Simulate `requests` (arrival_s = when the live client sent them) on `replica`
-    (`engine_replica`), priced by `cost_model` (default: the replica's own), with the router
-    and `sim` options of `cfg`."""
-    spec = replica if cost_model is None else dataclasses.replace(replica, cost_model=cost_model)
-    wl = requests[["request_id", "arrival_s", "num_prompt_tokens", "num_output_tokens"]].sort_values(
-        "arrival_s", kind="stable")
-    return simulate_config(cfg, wl, replicas=[spec], progress=False)
-
-
-class ServingOverheadCostModel:
-    """A profiled cost model plus the per-step time the *serving* engine adds: `base(shape) +
-    const_s + per_request_s * batch_size + per_prefill_token_s * num_prefill_tokens`. vLLM's
-    profiled steps run the engine core in-process; behind the OpenAI server the engine core
-    talks to a separate worker process and serialises every request's output for the API
-    server process (sharing the CPU with it), which the profile never timed. The numbers come
-    from `_serving_overhead`, a calibration on its own traffic before the validation runs
-    (steady decode batches and lone prefills); `per_prefill_token_s` is an empirical correction
-    (it came out negative: long served prefill steps ran faster than profile + constant)."""
-
-    def __init__(self, base, const_s: float, per_request_s: float, per_prefill_token_s: float = 0.0) -> None:
-        self.base = base
-        self.const_s = float(const_s)
-        self.per_request_s = float(per_request_s)
-        self.per_prefill_token_s = float(per_prefill_token_s)
-        self.name = (f"{getattr(base, 'name', 'cost model')}+serving({1e3 * const_s:.2f} ms"
-                     f" + {1e3 * per_request_s:.3f} ms/req + {1e6 * per_prefill_token_s:.2f} us/prefill token)")
-
-    def step_time_s(self, num_prefill_tokens, prefill_context, num_decodes, decode_context_sum, batch_size) -> float:
-        t = self.base.step_time_s(num_prefill_tokens, prefill_context, num_decodes, decode_context_sum, batch_size)
-        return max(t + self.const_s + self.per_request_s * batch_size + self.per_prefill_token_s * num_prefill_tokens,
-                   1e-6)
-
-    def step_times_s(self, num_prefill_tokens, prefill_context, num_decodes, decode_context_sum, batch_size):
-        t = self.base.step_times_s(num_prefill_tokens, prefill_context, num_decodes, decode_context_sum, batch_size)
-        return np.maximum(t + self.const_s + self.per_request_s * np.asarray(batch_size, dtype=float)
-                          + self.per_prefill_token_s * np.asarray(num_prefill_tokens, dtype=float), 1e-6)
-
-    def num_kv_blocks(self, block_size: int):
-        return self.base.num_kv_blocks(block_size)
-
-    def model_load_s(self) -> float:
-        return self.base.model_load_s()
-
-
-def with_frontend_latency(requests: pd.DataFrame, latency_s: float) -> pd.DataFrame:
-    """Simulated requests as a client would see them: every token `latency_s` later (HTTP, API server,
-    IPC to and from the engine core: time outside the engine steps the cost model prices). TTFT and
-    end-to-end latency grow by it; token gaps do not change."""
-    if latency_s == 0:
-        return requests
-    out = requests.copy()
-    for col in ("first_token_s", "finish_s", "ttft_s", "e2e_s"):
-        out[col] = out[col] + latency_s
-    return out
-
-
-# --------------------------------------------------------------------------------- the report
-
-def _clean(o: Any) -> Any:
-    """JSON-safe: NaN/inf -> null, numpy scalars -> Python."""
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    if isinstance(o, np.generic):
-        o = o.item()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return o
-
-
-class Report:
-    """validation.json, rewritten after every run so that a failure keeps what was measured."""
-
-    def __init__(self, path: Path, config: dict) -> None:
-        self.path = path
-        self.data: dict[str, Any] = {"status": "running", "error": None, "config": config, "engine": {},
-                                     "machine": machine_state(), "saturation": {}, "runs": [], "errors": []}
-
-    def add_run(self, result: dict) -> None:
-        self.data["runs"].append(result)
-        self.data["errors"].extend(result["errors"])
-        self.write()
-
-    def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(_clean(self.data), indent=2, allow_nan=False) + "\n")
-        tmp.replace(self.path)
-
-
-def machine_state() -> dict:
-    """Load average and CPU count now (validation is timing-sensitive; say how busy the machine was)."""
-    la = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
-    return {"loadavg_1m": la[0], "loadavg_5m": la[1], "loadavg_15m": la[2], "num_cpus": os.cpu_count()}
-
-
-def live_noise(errors: list[dict]) -> list[dict]:
-    """Run-to-run spread of the live side over repeats of the same (workload, load): per metric and
-    percentile, the live values and their largest deviation from their mean, as a fraction."""
-    df = pd.DataFrame(errors)
-    if df.empty or "repeat" not in df.columns or df["repeat"].nunique() < 2:
-        return []
-    out = []
-    for (w, load, m, q), g in df.groupby(["workload", "load", "metric", "percentile"], sort=False):
-        v = g["live_s"].to_numpy(dtype=float)
-        mean = float(np.mean(v))
-        out.append({"workload": w, "load": load, "metric": m, "percentile": int(q), "live_s": v.tolist(),
-                    "mean_s": mean, "max_dev_from_mean": float(np.max(np.abs(v / mean - 1))) if mean > 0 else None,
-                    "range_over_mean": float((v.max() - v.min()) / mean) if mean > 0 else None,
-                    "sim_rel_errors": g["rel_error"].tolist()})
-    return out
-
-
-def tolerance_violations(errors: list[dict], tolerance: dict[str, float | None]) -> list[dict]:
-    """Error records whose |rel_error| exceeds the tolerance for their percentile (a missing value counts)."""
-    bad = []
-    for e in errors:
-        tol = tolerance.get(PERCENTILE_KEYS.get(int(e["percentile"]), ""), None)
-        if tol is None:
-            continue
-        r = e.get("rel_error")
-        if r is None or not math.isfinite(r) or abs(r) > tol:
-            bad.append(e)
-    return bad
-
 
 # --------------------------------------------------------------------------------- the app
+
+MODES = ("inprocess", "server")
+"""inprocess: vLLM's engine stepped in this process, engine-side timestamps (the default);
+server: vLLM's OpenAI server and an HTTP client (the end-to-end path, client timestamps)."""
+
 
 @dataclass
 class ValidationResult:
@@ -402,6 +136,26 @@ def run(cfg: DictConfig, out_dir: str | Path) -> ValidationResult:
                                          "num_clipped": p.num_clipped} for p in pools}
     report.write()
     t_start = time.perf_counter()
+    mode = str(cfg.get("mode") or "inprocess")
+    if mode not in MODES:
+        raise InputError(f"unknown mode; choose one of {list(MODES)}", field="mode", value=mode)
+    report.data["mode"] = mode
+    if mode == "inprocess":
+        old_nice = _set_nice(cfg.get("nice"))
+        report.data["nice"] = cfg.get("nice")
+        report.data["nice_applied"] = old_nice is not None
+        try:
+            run_inprocess(cfg, out, report, pools, loads)
+        except BaseException as e:
+            report.data["status"] = "failed"
+            report.data["error"] = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            _finish(report, cfg, t_start)
+            if old_nice is not None:
+                os.setpriority(os.PRIO_PROCESS, 0, old_nice)
+        return ValidationResult(report.data, out)
+    t_start = time.perf_counter()
     old_nice = _set_nice(cfg.get("nice"))
     report.data["nice"] = cfg.get("nice")
     report.data["nice_applied"] = old_nice is not None
@@ -454,16 +208,31 @@ def run(cfg: DictConfig, out_dir: str | Path) -> ValidationResult:
         rc = server.stop()
         report.data["server_exit_status"] = rc
         report.data["server_pids_left_running"] = server.survivors()
-        report.data["wall_s"] = time.perf_counter() - t_start
-        report.data["machine_after"] = machine_state()
-        tol = {k: cfg.tolerance.get(k) for k in ("p50", "p90", "p99")}
-        report.data["tolerance"] = tol
-        report.data["violations"] = tolerance_violations(report.data["errors"], tol)
-        report.data["live_noise"] = live_noise(report.data["errors"])
-        report.write()
+        _finish(report, cfg, t_start)
         if old_nice is not None:
             os.setpriority(os.PRIO_PROCESS, 0, old_nice)
     return ValidationResult(report.data, out)
+
+
+def _finish(report: Report, cfg: DictConfig, t_start: float) -> None:
+    """The run's summary, written whatever happened: wall time, load after, tolerance violations,
+    live run-to-run noise, noise accounting (repeats) and the counts against issue 17's target."""
+    report.data["wall_s"] = time.perf_counter() - t_start
+    report.data["machine_after"] = machine_state()
+    tol = {k: cfg.tolerance.get(k) for k in ("p50", "p90", "p99")}
+    report.data["tolerance"] = tol
+    report.data["violations"] = tolerance_violations(report.data["errors"], tol)
+    report.data["live_noise"] = live_noise(report.data["errors"])
+    report.data["noise_accounting"] = noise_accounting(report.data["errors"])
+    runs = report.data["runs"]
+    uncal = [e for r in runs for e in r.get("errors_uncalibrated", r["errors"])]
+    report.data["counts"] = {"target": TARGET, "calibrated": target_counts(report.data["errors"]),
+                             "uncalibrated": target_counts(uncal),
+                             "within_noise": report.data["noise_accounting"]["counts"]}
+    if any(r.get("per_class") for r in runs):
+        pc = [e for r in runs for c in (r.get("per_class") or {}).values() for e in c["errors"]]
+        report.data["counts"]["per_class"] = target_counts(pc)
+    report.write()
 
 
 def _set_nice(nice) -> int | None:
@@ -756,7 +525,19 @@ def main(cfg: DictConfig) -> None:
             print(f"saturation {name}: live {t['live']['requests_per_s']:.3f} req/s, "
                   f"sim {t['sim']['requests_per_s']:.3f} "
                   f"req/s ({100 * _nz(t['rel_error_requests_per_s']):+.1f}%)")
-    print(f"engine: {data['engine'].get('num_kv_blocks')} KV blocks x {data['engine'].get('block_size')} tokens; "
+    c = data.get("counts") or {}
+    if c:
+        print(f"within the target {c['target']}: calibrated {c['calibrated']['within_target']} / "
+              f"{c['calibrated']['comparisons']}, profile alone {c['uncalibrated']['within_target']} / "
+              f"{c['uncalibrated']['comparisons']}"
+              + (f"; per class {c['per_class']['within_target']} / {c['per_class']['comparisons']}"
+                 if "per_class" in c else ""))
+        wn = c["within_noise"]
+        if wn["comparisons"]:
+            print(f"over repeats, against the live median: within noise {wn['within_noise']} / {wn['comparisons']}, "
+                  f"within the target {wn['within_target']} / {wn['comparisons']}")
+    print(f"engine ({data.get('mode')}): {data['engine'].get('num_kv_blocks')} KV blocks x "
+          f"{data['engine'].get('block_size')} tokens; "
           f"wall {data['wall_s']:.0f} s; load average {data['machine']['loadavg_1m']:.2f} -> "
           f"{data['machine_after']['loadavg_1m']:.2f}")
     if data["live_noise"]:

@@ -57,6 +57,18 @@ class VllmEngineConfig:
     """Sampling temperature of the profiled requests. It changes the step time: random sampling
     (vLLM's default, 1.0) draws over the whole vocabulary per request, greedy (0.0) does not,
     so a cost model prices traffic sampled like its profile (recorded in the metadata)."""
+    scheduling_policy: str = "fcfs"
+    """vLLM's `scheduling_policy`: "fcfs" (its default, what the profile measured) or "priority"
+    (waiting requests by (priority, arrival), preemption victim the running request with the
+    largest (priority, arrival)); used by the in-process live replay (experiments/live/inprocess.py)."""
+    log_stats: bool = False
+    """vLLM's stats (`disable_log_stats=False`): the engine core then stamps each request's
+    QUEUED / SCHEDULED / PREEMPTED events (monotonic time), which the in-process replay reads.
+    Off for profiling (it adds a little work per step)."""
+    num_gpu_blocks_override: int | None = None
+    """vLLM's `num_gpu_blocks_override`: this many KV blocks instead of what `kv_cache_space_gib`
+    allows (None: not set). The live priority check uses it to make KV scarce, so that overload
+    preempts."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "kv_cache_space_gib", "num_threads"):
@@ -65,6 +77,12 @@ class VllmEngineConfig:
                 raise ValueError(f"VllmEngineConfig.{name} must be a positive integer, got {v!r}")
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             raise ValueError(f"VllmEngineConfig.temperature must be a number >= 0, got {self.temperature!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"VllmEngineConfig.scheduling_policy must be 'fcfs' or 'priority', "
+                             f"got {self.scheduling_policy!r}")
+        v = self.num_gpu_blocks_override
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"VllmEngineConfig.num_gpu_blocks_override must be a positive integer or None, got {v!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("VllmEngineConfig.gpu_memory_utilization must be in (0, 1], "
                              f"got {self.gpu_memory_utilization}")
@@ -116,8 +134,12 @@ class VllmStepDriver:
             dtype=cfg.dtype, max_model_len=cfg.max_model_len, max_num_batched_tokens=cfg.max_num_batched_tokens,
             max_num_seqs=cfg.max_num_seqs, enable_prefix_caching=False, enable_chunked_prefill=True,
             async_scheduling=False, enforce_eager=cfg.enforce_eager, gpu_memory_utilization=cfg.gpu_memory_utilization,
-            seed=cfg.seed, disable_log_stats=True,
+            seed=cfg.seed, disable_log_stats=not cfg.log_stats,
         )
+        if cfg.scheduling_policy != "fcfs":  # only when asked: the profile's engine arguments stay as they were
+            self.engine_args["scheduling_policy"] = cfg.scheduling_policy
+        if cfg.num_gpu_blocks_override is not None:
+            self.engine_args["num_gpu_blocks_override"] = cfg.num_gpu_blocks_override
         t0 = time.perf_counter()
         self.engine = LLMEngine.from_engine_args(EngineArgs(**self.engine_args))
         self.startup_s = time.perf_counter() - t0

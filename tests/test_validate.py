@@ -344,7 +344,7 @@ def compose_validate(overrides=()):
 
 
 def _validate_cfg(tmp_path, script, mode, **over):
-    cfg = compose_validate(["loads=[0.5]", "duration_s=2", "min_requests=10", "max_requests=30", "warmup_requests=2",
+    cfg = compose_validate(["mode=server", "loads=[0.5]", "duration_s=2", "min_requests=10", "max_requests=30", "warmup_requests=2",
                             "frontend.num_requests=5", "frontend.gap_s=0.05", "serving_overhead.batch_sizes=[1,4]",
                             "serving_overhead.output_tokens=12", "serving_overhead.prefill_prompt_tokens=[]",
                             "saturation.method=fixed", "+saturation.rates_qps.conv=20.0", "~workloads.code",
@@ -403,7 +403,7 @@ def test_validate_cli_exit_status_follows_the_tolerance(fake_server_script, tmp_
     toy = save_cost_model(LinearRegimesCostModel([Regime(None, {"const": 0.002})], name="toy"), tmp_path / "toy.json")
 
     def cli(mode, out, *extra):
-        args = [sys.executable, "-m", "experiments.validate", f"out_dir={out}", "loads=[0.5]", "~workloads.code",
+        args = [sys.executable, "-m", "experiments.validate", "mode=server", f"out_dir={out}", "loads=[0.5]", "~workloads.code",
                 "duration_s=1", "min_requests=5", "max_requests=10", "warmup_requests=1", "plots=false",
                 "saturation.method=fixed", "+saturation.rates_qps.conv=20.0", "frontend.mode=none",
                 "serving_overhead.mode=none",
