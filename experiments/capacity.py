@@ -23,6 +23,7 @@ rates), `capacity_points.csv`, `capacity.png` (violation rate vs QPS per variant
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -36,6 +37,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.app import check_config, hydra_app, write_json
+from experiments.callbacks import sweep_job
 from experiments.wiring import simulate_config
 from planner.capacity import CapacitySettings, best_split, explain_status, find_capacity, splits
 from sim.cluster import SimResult
@@ -232,7 +234,8 @@ def run_capacity(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
 @hydra_app(config_path="../conf", config_name="capacity", prog="experiments.capacity")
 def main(cfg: DictConfig) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    out = run_capacity(cfg, out_dir)
+    with sweep_job("capacity.json") as resumed:
+        out = json.loads((out_dir / "capacity.json").read_text()) if resumed else run_capacity(cfg, out_dir)
     width = max(len(k) for k in out["capacity_qps"])
     counted = "counted as violations" if out["settings"]["count_rejected"] else "reported apart, not counted"
     print("\ncapacity (highest QPS with <= {:.3g}% of requests violating, rule {}; rejected requests {}):".format(

@@ -17,6 +17,7 @@ prints the one `python -m experiments.run ...` command that re-runs the winner.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shlex
@@ -32,6 +33,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.app import check_config, hydra_app, write_json
+from experiments.callbacks import sweep_job
 from experiments.capacity import _workload_cfg, workload_rate_key
 from experiments.wiring import _option, replica_specs, simulate_config
 from planner.capacity import CapacitySettings, find_capacity
@@ -451,7 +453,9 @@ def main(cfg: DictConfig) -> float:
     overrides = list(hc.overrides.task)
     if not any(o.startswith("costmodel=") for o in overrides) and hc.runtime.choices.get("costmodel"):
         overrides.append(f"costmodel={hc.runtime.choices['costmodel']}")  # conf/plan.yaml's, not the run app's default
-    result = run_plan(cfg, out_dir, base_overrides=overrides)
+    with sweep_job("plan.json") as resumed:
+        result = (json.loads((out_dir / "plan.json").read_text()) if resumed
+                  else run_plan(cfg, out_dir, base_overrides=overrides))
     from analysis.planning import ranked_table
 
     n = result["counts"]

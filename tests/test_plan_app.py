@@ -15,6 +15,7 @@ from experiments.plan import candidates, ensemble, fleet_config, pool_config, pr
 from experiments.run import run
 from experiments.wiring import replica_specs
 from planner.fleet import Candidate, Pool
+from sim.errors import InputError
 from sim.paths import PROJECT_ROOT
 from sim.qos import QoS
 
@@ -107,11 +108,23 @@ def test_prices_come_from_the_hardware_files_and_can_be_overridden():
     assert prices(compose_cfg("plan.prices.h100-80gb=2.5"))["h100-80gb"] == 2.5
 
 
+@pytest.mark.parametrize("overrides,needle", [
+    (["plan.hardware=[tpu9]"], "plan.hardware"),
+    (["plan.topologies=[ring]"], "plan.topologies"),
+    (["plan.policies=[nope]"], "plan.policies"),
+    (["plan.tp=[0]"], "plan.tp"),
+])
+def test_bad_candidate_lists_name_their_key(overrides, needle):
+    cfg = compose_cfg(*overrides)
+    with pytest.raises(InputError) as e:
+        prices(cfg)
+        candidates(cfg, QoS.from_config(cfg.slo))
+    assert needle in str(e.value.field)
+
+
 @pytest.mark.parametrize("override,needle", [
     ("plan.hardware=[a10]", "plan.prices.a10"),
     ("plan.targets={nope: 0.9}", "plan.targets"),
-    ("plan.hardware=[tpu9]", "plan.hardware"),
-    ("plan.topologies=[ring]", "plan.topologies"),
 ])
 def test_bad_input_is_one_line_and_exit_2(override, needle, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "experiments.plan", override, f"hydra.run.dir={tmp_path}/o"],
