@@ -31,6 +31,32 @@ def load_plan(path: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def find_plan(env: str = "SLOSIM_PLAN") -> Path:
+    """The plan folder: `$SLOSIM_PLAN`, else the newest `outputs/**/plan.json`'s folder."""
+    import os
+
+    from sim.paths import PROJECT_ROOT
+
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    found = sorted(PROJECT_ROOT.glob("outputs/**/plan.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise InputError(f"no plan found: run `python -m experiments.plan` or set {env}", field=env)
+    return found[-1].parent
+
+
+def interval_table(plan: Mapping) -> pd.DataFrame:
+    """Long format, one row per verified fleet and class: cost, mean attainment, the interval
+    (low, high) at the plan's confidence, the target, P(meet) and whether it qualifies."""
+    rows = []
+    for r in plan.get("ranked", []):
+        for cls, a in sorted(r["attainment"].items()):
+            rows.append({"configuration": r["label"], "replicas": "+".join(map(str, r["replicas"])), "class": cls,
+                         "usd_per_hour": r["cost_per_hour"], "attainment": a["mean"], "low": a["low"],
+                         "high": a["high"], "target": a.get("target"), "p_meet": r["p_meet"], "meets": r["meets"]})
+    return pd.DataFrame(rows)
+
+
 def ranked_table(plan: Mapping) -> pd.DataFrame:
     """One row per verified candidate, cheapest qualifying first: configuration, replicas, GPUs,
     USD/hour, USD per million output tokens, P(meet), each class's attainment (mean and the

@@ -6,8 +6,8 @@ hardware, TP degree, the QoS classes it serves and their share of the traffic). 
 capacity search of `planner.capacity` in the app), pruning a candidate as soon as one point
 shows it cannot beat the cheapest fleet found so far (branch and bound, our design);
 (2) picks replica counts with an integer program (scipy HiGHS `milp`: cheapest counts whose
-summed capacity covers each traffic group's rate); (3) drops dominated candidates (costlier
-and no more capacity headroom); (4) verifies the cheapest few by full-cluster simulation with
+summed capacity covers each traffic group's rate); (3) drops dominated candidates (another
+costs less with no less capacity headroom); (4) verifies the cheapest few by full-cluster simulation with
 the caller's `verify` function, over seeds and a cost-model ensemble (`planner.uncertainty`),
 moving the replica count up until the fleet meets every target at the confidence and down
 while it still does. Hydra-free: the app (`experiments.plan`) supplies the two functions.
@@ -183,9 +183,10 @@ def headroom(candidate: Candidate, counts: Sequence[int], capacities: Sequence[f
 
 
 def pareto_mask(costs: Sequence[float], benefits: Sequence[float]) -> list[bool]:
-    """True where no other point costs no more and gives no less benefit, one of them strictly."""
+    """True where no other point costs strictly less and gives no less benefit. Points of equal
+    cost are all kept (our design: estimates are rough, so a tie in cost goes to verification)."""
     pts = list(zip(costs, benefits))
-    return [not any(c2 <= c and b2 >= b and (c2 < c or b2 > b) for c2, b2 in pts) for c, b in pts]
+    return [not any(c2 < c and b2 >= b for c2, b2 in pts) for c, b in pts]
 
 
 # ---------------------------------------------------------------- the plan
@@ -275,7 +276,7 @@ def plan_fleet(candidates: Sequence[Candidate], *, capacity: Capacity, verify: V
     mask = pareto_mask([r.cost_per_hour for r in estimated], [r.headroom for r in estimated])
     for r, keep in zip(estimated, mask):
         if not keep:
-            r.status, r.reason = "pruned_dominated", "another candidate costs no more with no less headroom"
+            r.status, r.reason = "pruned_dominated", "another candidate costs less with no less headroom"
     front = sorted((r for r in estimated if r.status == "estimated"), key=lambda r: (r.cost_per_hour, r.candidate.label))
     for r in front[settings.num_verify:]:
         r.status = "not_verified"

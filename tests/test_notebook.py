@@ -62,3 +62,40 @@ def test_the_notebook_executes_on_a_small_output_set(results, monkeypatch):
     assert len(images) >= 4
     text = "".join(o.get("text", "") for o in outputs)
     assert "capacity_small" in text and "surge" in text
+
+
+PLAN_NOTEBOOK = PROJECT_ROOT / "notebooks" / "fleet_planning.ipynb"
+
+
+@pytest.fixture(scope="module")
+def small_plan(tmp_path_factory):
+    """A two-candidate plan (A100 vs H100, 300 requests a simulation, one verification seed,
+    the roofline's error band with two members, two new check seeds), written by the plan app."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.plan import run_plan
+
+    out = tmp_path_factory.mktemp("plan")
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="plan", overrides=[
+            "plan.rate_qps=3", "workload.num_requests=300", "plan.capacity_requests=300",
+            "plan.verify.num_requests=300", "plan.verify.seeds=[1000]", "plan.check.seeds=[7]", "plan.progress=false",
+            "uncertainty.num_members=2", "plan.capacity.rel_tol=0.1"])
+    run_plan(cfg, out)
+    return out
+
+
+@pytest.mark.slow
+def test_the_fleet_planning_notebook_executes_on_a_small_plan(small_plan, monkeypatch):
+    monkeypatch.setenv("SLOSIM_PLAN", str(small_plan))
+    monkeypatch.setenv("PYTHONPATH", str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    nb = nbformat.read(PLAN_NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(PROJECT_ROOT)}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 2  # cost vs attainment with intervals; the winner's CDFs per class
+    text = "".join(o.get("text", "") for o in outputs)
+    html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    assert str(small_plan) in text and "winner:" in text and "interactive" in html

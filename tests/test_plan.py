@@ -60,6 +60,8 @@ def test_mixed_fleet_picks_the_cheapest_combination_and_breaks_cost_ties_by_gpus
 def test_pareto_mask_by_hand():
     #          cheap+low  dear+high  dear+low (dominated)  cheap+low duplicate (not strictly worse)
     assert pareto_mask([1, 2, 2, 1], [1.0, 2.0, 1.0, 1.0]) == [True, True, False, True]
+    # equal cost, less benefit: kept (a tie in estimated cost goes to verification)
+    assert pareto_mask([3, 3], [1.2, 1.1]) == [True, True]
 
 
 # ---------------------------------------------------------------- the search with known truth
