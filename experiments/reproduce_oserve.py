@@ -35,7 +35,8 @@ from analysis.oserve import markdown, ratios, summarize, switches
 from experiments.app import hydra_app, write_json
 from experiments.reproduce import compose_part
 from experiments.wiring import replica_specs, simulate_config
-from planner.deployment import RateSettings, RequestTypes, TypeStats, feasible_configs, homogeneous, rate_table
+from planner.deployment import (RateSettings, RequestTypes, TypeStats, deployments, feasible_configs, homogeneous,
+                                rate_table)
 from planner.oserve_plan import exhaustive, load_factor, lp_max_flow, max_flow, refine
 from policies.control.oserve import switch_catalog
 from policies.estimators.forecast import ExponentialSmoothing, LSTMForecaster, counts_per_window, one_step_errors
@@ -113,11 +114,25 @@ class Planner:
 
     def __init__(self, cfg: DictConfig, num_gpus: int, wl: pd.DataFrame, settings: RateSettings,
                  cache_dir: Path | None) -> None:
-        probe = replica_specs(_with_pools(cfg, [_largest_fitting(cfg, num_gpus)]))[0]
+        if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 1:
+            raise InputError("must be an integer >= 1", field="oserve.num_gpus", value=num_gpus)
+        degrees = [int(k) for k in cfg.controller.tp_degrees]
+        probe, why = None, []
+        for k in sorted((k for k in degrees if k <= num_gpus), reverse=True):  # any configuration that fits
+            try:
+                probe = replica_specs(_with_pools(cfg, [k]))[0]
+                break
+            except InputError as e:
+                why.append(f"tp{k}: {e.problem}")
+        if probe is None:
+            raise InputError(f"{cfg.model.name} fits no replica configuration of a {num_gpus}-GPU pool with TP "
+                             f"degrees {degrees} ({'; '.join(why) or 'every degree exceeds the pool'})",
+                             field="oserve.num_gpus", value=num_gpus)
         self.template = probe.cost_model
         self.template_spec = probe
         self.num_gpus = num_gpus
-        self.configs = feasible_configs(self.template.model, self.template.gpu, num_gpus)
+        self.configs = feasible_configs(self.template.model, self.template.gpu, num_gpus, degrees)
+        deployments(num_gpus, self.configs)  # InputError when the pool does not divide
         self.types = RequestTypes.from_quantiles(wl["num_prompt_tokens"], wl["num_output_tokens"])
         self.stats = TypeStats.from_workload(self.types, wl["num_prompt_tokens"], wl["num_output_tokens"])
         self.rates = rate_table(self.template, self.configs, self.stats, settings, cache_dir=cache_dir)
@@ -137,8 +152,26 @@ class Planner:
                     "load_factor": load_factor(d, self.rates, demand)} for k, d in out.items()}
 
 
-def _largest_fitting(cfg: DictConfig, num_gpus: int) -> int:
-    return max(k for k in (1, 2, 4, 8) if k <= num_gpus)
+def segment_factors(planner: Planner, wl: pd.DataFrame, deployment: Sequence[int], segment_s: float) -> list[float]:
+    """The planner's capacity factor of `deployment` for each segment's demand (req/s per type)."""
+    out = []
+    for _, g in wl.groupby("segment"):
+        counts = TypeStats.from_workload(planner.types, g["num_prompt_tokens"], g["num_output_tokens"]).count
+        out.append(load_factor(tuple(deployment), planner.rates, counts / segment_s))
+    return out
+
+
+def segment_capacity(planner: Planner, wl: pd.DataFrame, deployment: Sequence[int], segment_s: float) -> float:
+    """The heaviest segment's capacity factor; when some type has no capacity in `deployment`
+    (factor 0), the share of that segment's demand the max-flow serves instead."""
+    factors = segment_factors(planner, wl, deployment, segment_s)
+    if min(factors) > 0:
+        return min(factors)
+    served = []
+    for _, g in wl.groupby("segment"):
+        d = TypeStats.from_workload(planner.types, g["num_prompt_tokens"], g["num_output_tokens"]).count / segment_s
+        served.append(max_flow(tuple(deployment), planner.rates, d).served / max(d.sum(), 1e-9))
+    return max(min(served), 1e-3)
 
 
 def planner_gaps(planner: Planner, demand: np.ndarray, pools: Sequence[int]) -> list[dict]:
@@ -189,7 +222,7 @@ def forecast_errors(planner: Planner, wl: pd.DataFrame, window_s: float, lstm: d
 
 # ---------------------------------------------------------------- one scenario
 def run_scenario(cfg: DictConfig, ocfg: DictConfig, workload: str, cache_dir: Path | None) -> dict:
-    num_gpus = int(cfg.oserve.num_gpus)
+    num_gpus = cfg.oserve.num_gpus
     ctl_cfg = cfg.controller
     settings = RateSettings(ttft_s=float(ctl_cfg.ttft_s), tpot_s=float(ctl_cfg.tpot_s),
                             utilization=float(ctl_cfg.utilization),
@@ -199,15 +232,22 @@ def run_scenario(cfg: DictConfig, ocfg: DictConfig, workload: str, cache_dir: Pa
     mml = int(cfg.cluster.max_model_len)
     args = dict(traces=traces, segment_s=float(ocfg.segment_s), num_segments=int(ocfg.num_segments),
                 max_model_len=mml, max_output_tokens=int(ocfg.max_output_tokens))
-    # the load: plan on the workload at the trace's own pace, then compress time to `load` x capacity
-    wl1 = build_workload(workload, speed=1.0, **args)
-    p1 = Planner(cfg, num_gpus, wl1, settings, cache_dir)
-    base = p1.plan(p1.demand(wl1))["best_homogeneous"]["load_factor"]
-    speed = float(ocfg.load) * base
+    # the load (our design): time is compressed until the planner's capacity factor of the best
+    # homogeneous split, in the heaviest segment, is 1 / load (two rounds: the cut depends on the pace)
+    speed = 1.0
+    for _ in range(2):
+        wl = build_workload(workload, speed=speed, **args)
+        planner = Planner(cfg, num_gpus, wl, settings, cache_dir)
+        base = segment_capacity(planner, wl, planner.plan(planner.demand(wl))["best_homogeneous"]["deployment"],
+                                float(ocfg.segment_s))
+        speed *= float(ocfg.load) * base
     wl = build_workload(workload, speed=speed, **args)
     planner = Planner(cfg, num_gpus, wl, settings, cache_dir)
     demand = planner.demand(wl)
     planned = planner.plan(demand)
+    seg_dep = planned["best_homogeneous"]["deployment"]
+    load_by_segment = [1.0 / f if f > 0 else float("inf") for f in
+                       segment_factors(planner, wl, seg_dep, float(ocfg.segment_s))]
     log.info("[%s %s] %d requests, %.2f req/s (x%.2f); plans %s", cfg.model.name, workload, len(wl),
              demand.sum(), speed, {k: v["deployment"] for k, v in planned.items()})
     table = wl[["arrival_s", "num_prompt_tokens", "num_output_tokens", "request_id"]]
@@ -246,7 +286,8 @@ def run_scenario(cfg: DictConfig, ocfg: DictConfig, workload: str, cache_dir: Pa
             "workload": workload, "num_requests": int(len(wl)), "offered_rps": float(demand.sum()), "speed": speed,
             "types": [planner.types.label(t) for t in range(len(planner.types))],
             "rates_per_s": {f"tp{k}": v.tolist() for k, v in planner.rates.items()},
-            "demand_per_s": demand.tolist(), "planned": planned, "results": results, "ratios": ratios(results),
+            "demand_per_s": demand.tolist(), "planned": planned,
+            "planned_load_by_segment_best_homogeneous": load_by_segment, "results": results, "ratios": ratios(results),
             "planner_gaps": planner_gaps(planner, demand, list(ocfg.gap_pools)),
             "forecast": forecast_errors(planner, wl, float(ctl_cfg.window_s),
                                         OmegaConf.to_container(ocfg.lstm, resolve=True), int(cfg.seed))}
