@@ -288,8 +288,9 @@ def plan_fleet(candidates: Sequence[Candidate], *, capacity: Capacity, verify: V
         r.status = "verified"
         bar.update(1)
     bar.close()
+    # ties in cost: the fleet with fewer non-empty pools (a mixed fleet that kept one type is the shared one)
     ranked = sorted((_ranked_row(r, prices, settings) for r in to_verify),
-                    key=lambda x: (not x["meets"], x["cost_per_hour"], x["label"]))
+                    key=lambda x: (not x["meets"], x["cost_per_hour"], sum(n > 0 for n in x["replicas"]), x["label"]))
     winner = ranked[0] if ranked and ranked[0]["meets"] else None
     statuses = [r.status for r in rows]
     return {

@@ -34,7 +34,8 @@ SMALL = ["plan.rate_qps=3", "workload.num_requests=300", "plan.capacity_requests
 @pytest.fixture(scope="module")
 def small_plan(tmp_path_factory):
     out = tmp_path_factory.mktemp("plan")
-    cfg = compose_cfg(*SMALL, "plan.check.seeds=[7,8]", "plan.hardware=[a100-80gb,h100-80gb]")
+    cfg = compose_cfg(*SMALL, "plan.check.seeds=[7,8]", "plan.hardware=[a100-80gb,h100-80gb]",
+                      "plan.topologies=[shared,mixed]")
     result = run_plan(cfg, out, base_overrides=["costmodel=roofline", *SMALL])
     return cfg, result, out
 
@@ -52,7 +53,8 @@ def test_small_plan_writes_its_outputs_and_a_winner_that_meets(small_plan):
     for f in result["check"]["fleets"]:
         assert f["meets"] == f["is_plan"]  # the plan meets at the new seeds; one replica fewer does not
     n = result["counts"]
-    assert n["num_candidates"] == 2 and n["num_simulations"] > 0
+    assert n["num_candidates"] == 3 and n["num_simulations"] > 0
+    assert n["num_capacity_searches"] == 2  # the mixed fleet reuses both hardware's per-replica capacity
 
 
 def test_the_printed_command_rebuilds_the_winners_fleet(small_plan):
@@ -63,7 +65,7 @@ def test_the_printed_command_rebuilds_the_winners_fleet(small_plan):
     cfg = compose_cfg(*args[3:], "workload.num_requests=200", "output.plots=false", "sim.progress=false", name="config")
     specs = replica_specs(cfg)
     assert len(specs) == sum(w["replicas"])
-    assert {s.hardware for s in specs} == {p["hardware"] for p in w["candidate"]["pools"]}
+    assert {s.hardware for s in specs} == {p["hardware"] for p, n in zip(w["candidate"]["pools"], w["replicas"]) if n}
     out = run(cfg)
     assert out.summary["outcomes"]["finished"] == 200
 
@@ -132,3 +134,21 @@ def test_bad_input_is_one_line_and_exit_2(override, needle, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_the_plan_app_has_its_own_help():
+    proc = subprocess.run([sys.executable, "-m", "experiments.plan", "--help"], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for text in ("experiments.plan: the cheapest fleet", "confidence=0.9", "+plan=llama70b_tp", "hydra/launcher=joblib"):
+        assert text in proc.stdout, text
+
+
+def test_a_rate_schedule_is_planned_for_its_peak_at_a_constant_rate():
+    from experiments.plan import _at_rate, target_rate
+
+    cfg = compose_cfg("workload=surge")
+    assert target_rate(cfg) == 5.0
+    flat = _at_rate(cfg)
+    assert flat.workload.arrival.get("schedule") is None and flat.workload.arrival.kind == "poisson"
+    assert target_rate(compose_cfg("workload=surge", "plan.rate_qps=7")) == 7.0
