@@ -201,9 +201,9 @@ def planner_gaps(planner: Planner, demand: np.ndarray, pools: Sequence[int]) -> 
     return rows
 
 
-def forecast_errors(planner: Planner, wl: pd.DataFrame, window_s: float, lstm: dict, seed: int) -> dict:
+def forecast_errors(planner: Planner, wl: pd.DataFrame, window_s: float, lstm: dict | None, seed: int) -> dict:
     """One-step forecast error of both forecasters on the workload's per-type window counts
-    (fitted on the first half of the windows)."""
+    (fitted on the first half of the windows; `lstm` None leaves the LSTM out)."""
     k = planner.types.classify(wl["num_prompt_tokens"], wl["num_output_tokens"])
     series = counts_per_window(wl["arrival_s"], k, len(planner.types), window_s)
     half = max(len(series) // 2, 1)
@@ -211,6 +211,8 @@ def forecast_errors(planner: Planner, wl: pd.DataFrame, window_s: float, lstm: d
         return {"skipped": f"only {len(series)} windows"}
     out = {"window_s": window_s, "num_windows": int(len(series)), "train_windows": half,
            "exp_smoothing": one_step_errors(series, ExponentialSmoothing(0.5), half)}
+    if lstm is None:
+        return out
     t0 = time.perf_counter()
     try:
         out["lstm"] = one_step_errors(series, LSTMForecaster(seed=seed, **lstm), half)
@@ -290,7 +292,8 @@ def run_scenario(cfg: DictConfig, ocfg: DictConfig, workload: str, cache_dir: Pa
             "planned_load_by_segment_best_homogeneous": load_by_segment, "results": results, "ratios": ratios(results),
             "planner_gaps": planner_gaps(planner, demand, list(ocfg.gap_pools)),
             "forecast": forecast_errors(planner, wl, float(ctl_cfg.window_s),
-                                        OmegaConf.to_container(ocfg.lstm, resolve=True), int(cfg.seed))}
+                                        None if ocfg.lstm is None else OmegaConf.to_container(ocfg.lstm, resolve=True),
+                                        int(cfg.seed))}
 
 
 # ---------------------------------------------------------------- all

@@ -86,11 +86,15 @@ EFFICIENCY_CUTS = (0.0, 0.5, 0.7, 0.85, 0.95)
 """Relative-efficiency thresholds `max_flow` tries (our design; see its docstring)."""
 
 
-def _max_flow_once(cap: np.ndarray, w: np.ndarray, demand: np.ndarray, cut: float) -> np.ndarray:
-    n_t, n_r = cap.shape
+def _keep(cap: np.ndarray, w: np.ndarray, cut: float) -> tuple[np.ndarray, np.ndarray]:
+    """Efficiency e(t, r) and the (type, replica) edges within `cut` of the replica's best."""
     eff = np.where((cap > EPS) & np.isfinite(w)[:, None], cap * np.where(np.isfinite(w), w, 0.0)[:, None], 0.0)
-    keep = eff >= cut * eff.max(axis=0, keepdims=True)
-    keep &= eff > EPS
+    keep = (eff >= cut * eff.max(axis=0, keepdims=True)) & (eff > EPS)
+    return eff, keep
+
+
+def _max_flow_once(eff: np.ndarray, keep: np.ndarray, w: np.ndarray, demand: np.ndarray) -> np.ndarray:
+    n_t, n_r = eff.shape
     g = nx.DiGraph()
     for t in range(n_t):
         if demand[t] > EPS and np.isfinite(w[t]) and keep[t].any():
@@ -126,8 +130,13 @@ def max_flow(deployment: Sequence[int], rates: Mapping[int, np.ndarray], demand)
     w = work_units(rates, n_t)
     wf = np.where(np.isfinite(w), w, 0.0)
     best, best_work = None, -1.0
+    tried = set()
     for cut in EFFICIENCY_CUTS:
-        flow = _max_flow_once(cap, w, demand, cut)
+        eff, keep = _keep(cap, w, cut)
+        if keep.tobytes() in tried:  # the same network as a smaller cut's
+            continue
+        tried.add(keep.tobytes())
+        flow = _max_flow_once(eff, keep, w, demand)
         work = float((flow.sum(axis=1) * wf).sum())
         if work > best_work * (1 + 1e-9) + 1e-12:
             best, best_work = flow, work

@@ -7,6 +7,10 @@ flows. The split is a smooth weighted round robin per prompt bin (the nginx algo
 deterministic, and after n requests of a bin each replica's count is within one of
 n x its weight share. A replica absent from the weights (or a bin without weights) falls back
 to the fewest outstanding tokens among the replicas offered, so nothing is ever unroutable.
+With `balance='least_loaded'` (our design) a request goes instead to the weighted replica with
+the fewest outstanding tokens per unit of weight: the flow decides where a bin may go and how
+much each replica should take, the replicas' queues decide the next request (load-aware under
+bursts; the long-run split follows the weights only as far as the replicas drain alike).
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ class FlowRouter:
     """Invariant: weights are finite and >= 0; per prompt bin the round-robin credit sums to 0
     over the replicas it has weighed (the smooth-WRR invariant)."""
 
-    def __init__(self, prompt_edges: Sequence[float] = (), weights: Sequence[Mapping[int, float]] | None = None) -> None:
+    def __init__(self, prompt_edges: Sequence[float] = (), weights: Sequence[Mapping[int, float]] | None = None,
+                 balance: str = "wrr") -> None:
+        if balance not in ("wrr", "least_loaded"):
+            raise InputError("must be 'wrr' or 'least_loaded'", field="balance", value=balance)
+        self.balance = balance
         edges = [float(e) for e in prompt_edges]
         if any(b <= a for a, b in zip(edges, edges[1:])):
             raise InputError("must be strictly increasing", field="prompt_edges", value=edges)
@@ -63,6 +71,9 @@ class FlowRouter:
             b = self.prompt_bin(request.num_prompt_tokens)
             weights, credit = self._weights[b], self._credit[b]
             offered = [(i, r.replica_id) for i, r in enumerate(replicas) if r.replica_id in weights]
+            if offered and self.balance == "least_loaded":
+                # fewest outstanding tokens per unit of weight (ties: list order)
+                return min(offered, key=lambda x: (replicas[x[0]].num_outstanding_tokens + 1) / weights[x[1]])[0]
             if offered:
                 total = 0.0
                 best_i, best_id, best_c = -1, -1, -np.inf

@@ -244,3 +244,13 @@ def test_controller_errors_name_the_setting():
     with pytest.raises(InputError) as e:
         simulate(wl, [spec], LeastOutstandingRequests(), controller=ctl)
     assert e.value.field == "costmodel"
+
+
+def test_least_loaded_balance_weighs_queues_by_the_flow():
+    router = FlowRouter([], [{0: 1.0, 1: 3.0}], balance="least_loaded")
+    # (10 + 1) / 1 = 11 vs (20 + 1) / 3 = 7: the heavier-weighted replica despite its longer queue
+    assert router.route(_Req(5), [_Rep(0, 10), _Rep(1, 20)], 0.0) == 1
+    assert router.route(_Req(5), [_Rep(0, 1), _Rep(1, 20)], 0.0) == 0
+    with pytest.raises(InputError) as e:
+        FlowRouter([], balance="random")
+    assert e.value.field == "balance"

@@ -104,7 +104,7 @@ class OServeController:
                  history: Sequence[Sequence[float]] | None = None, headroom: float = 1.2,
                  tp_degrees: Sequence[int] = DEFAULT_TP_DEGREES, ttft_s: float = 2.0, tpot_s: float = 0.1,
                  utilization: float = 0.8, max_iters: int = 8, reinit_s: float = DEFAULT_REINIT_S,
-                 initial_weights: bool = True, seed: int = 0) -> None:
+                 initial_weights: bool = True, router_balance: str = "wrr", seed: int = 0) -> None:
         self.types = RequestTypes(prompt_edges, output_edges)
         n = len(self.types)
         arrays = [np.asarray(x, dtype=float) for x in (mean_prompt, mean_output, p90_prompt)]
@@ -148,7 +148,7 @@ class OServeController:
         self._out_seen = np.zeros_like(self._out_share)
         self._window_counts = np.zeros(self.types.num_prompt_bins)
         self._seen: set[int] = set()
-        self.router = FlowRouter(self.types.prompt_edges)
+        self.router = FlowRouter(self.types.prompt_edges, balance=router_balance)
         self.rates: dict[int, np.ndarray] = {}
         self.configs: list[ReplicaConfig] = []
         self.num_gpus = 0
