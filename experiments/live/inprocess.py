@@ -199,7 +199,8 @@ class InProcessEngine:
         tasks = engine.get_supported_tasks()
         built: list = [None] * n
         for i in range(n):
-            tokens = rng.integers(min_token_id, max(min_token_id + 1, self.vocab_size - 1), size=int(prompt[i])).tolist()
+            high = max(min_token_id + 1, self.vocab_size - 1)
+            tokens = rng.integers(min_token_id, high, size=int(prompt[i])).tolist()
             params = SamplingParams(max_tokens=int(output[i]), ignore_eos=True, detokenize=False,
                                     temperature=float(self.cfg.temperature))
             try:
@@ -427,10 +428,13 @@ class SpeedCalibration:
     """How long the calibration took."""
     num_discarded: int = 0
     """Timed steps discarded (composition not as intended, or the core was taken away)."""
+    skipped_decode_batches: list[int] = field(default_factory=list)
+    """Reference decode batches left out because they would not fit the engine's KV blocks."""
 
     def to_dict(self) -> dict:
         return {"scale": self.scale, "scale_by_kind": dict(self.scale_by_kind), "points": self.points,
-                "wall_s": self.wall_s, "num_discarded": self.num_discarded}
+                "wall_s": self.wall_s, "num_discarded": self.num_discarded,
+                "skipped_decode_batches": list(self.skipped_decode_batches)}
 
 
 def fit_speed_scale(points: list[dict]) -> tuple[float, dict[str, float]]:
@@ -455,7 +459,8 @@ def calibrate_speed(engine: InProcessEngine, cost_model, ref: ReferenceSteps, *,
                     min_cpu_fraction: float = 0.8) -> SpeedCalibration:
     """Time `ref`'s steps on `engine` (the profiler's measurement: each step's composition is
     checked against the intended one, steps that got less than `min_cpu_fraction` of a core are
-    discarded unless none is left), price each with `cost_model`, fit the scales."""
+    discarded unless none is left), price each with `cost_model`, fit the scales. Decode batches that
+    would not fit the engine's KV blocks are skipped (recorded). ServerError if the engine fails."""
     from profiler.measure import rows_from_steps, steps_table
     from profiler.shapes import ShapeGrid
 
@@ -465,6 +470,14 @@ def calibrate_speed(engine: InProcessEngine, cost_model, ref: ReferenceSteps, *,
                      mixed_chunk_sizes=[1], repetitions=ref.repetitions, warmup_steps=2, max_attempts_factor=3,
                      shape_warmup_attempts=1)
     prefill, groups = ref.shapes(d.max_budget)
+    # a decode batch (plus its mixed chunk and the steps it grows by) must fit the engine's KV blocks,
+    # else setting it up would preempt (a KV-starved engine, e.g. the priority check's): skipped, recorded
+    bs, blocks = engine.block_size, engine.num_kv_blocks
+    fits = [g for g in groups if g.num_decodes * -(-(g.decode_context + len(g.shapes) * (1 + 3 * ref.repetitions) + 3)
+                                                     // bs)
+            + max((-(-n // bs) for sh in g.shapes for n, _ in sh.prefill_chunks), default=0) <= blocks]
+    skipped = [g.num_decodes for g in groups if g not in fits]
+    groups = fits
     t0 = time.perf_counter()
     gc.collect()
     gc.disable()
@@ -490,7 +503,7 @@ def calibrate_speed(engine: InProcessEngine, cost_model, ref: ReferenceSteps, *,
                        "repetitions": int(r["repetitions"])})
     scale, by_kind = fit_speed_scale(points)
     discarded = int(counts.get("steps_mismatched", 0)) + int(counts.get("steps_contended", 0))
-    return SpeedCalibration(scale, by_kind, points, wall, discarded)
+    return SpeedCalibration(scale, by_kind, points, wall, discarded, skipped)
 
 
 class ScaledCostModel:

@@ -26,7 +26,7 @@ from experiments.live.inprocess import (
 )
 from experiments.live.server import ServerError
 from experiments.live.simulate import (
-    EngineFacts, Report, _clean, engine_replica, machine_state, simulate_like_engine, target_counts,
+    EngineFacts, Report, _clean, engine_replica, machine_state, simulate_like_engine, target_counts, usable_kv_blocks,
 )
 from experiments.live.workloads import RequestPool, burst_workload, run_workload
 from sim.errors import InputError
@@ -119,13 +119,15 @@ def run_inprocess(cfg: DictConfig, out: Path, report: Report, pools: list[Reques
         engine.start()
         limits = EngineLimits(max_num_seqs=icfg.max_num_seqs, max_num_batched_tokens=icfg.max_num_batched_tokens,
                               max_model_len=icfg.max_model_len, enable_chunked_prefill=True)
-        facts = EngineFacts(engine.num_kv_blocks, engine.block_size, limits)
+        facts = EngineFacts(usable_kv_blocks(engine.num_kv_blocks), engine.block_size, limits)
         replica = engine_replica(cfg, facts)
         base = replica.cost_model
         report.data["engine"] = {"mode": "inprocess", "num_kv_blocks": facts.num_kv_blocks,
+                                 "num_gpu_blocks": engine.num_kv_blocks,
                                  "block_size": facts.block_size, "limits": limits.__dict__,
                                  "startup_s": engine.startup_s, "scheduling_policy": icfg.scheduling_policy,
-                                 "kv_source": "the in-process engine's scheduler (cache_config.num_gpu_blocks)",
+                                 "kv_source": "the in-process engine's scheduler (cache_config.num_gpu_blocks "
+                                              "less vLLM's null block)",
                                  "config": icfg.__dict__}
         report.write()
         _warm_up(engine, cfg)
@@ -172,7 +174,7 @@ def _warm_up(engine: InProcessEngine, cfg: DictConfig) -> None:
 
 def _saturation(cfg, pool, engine, replica, base, ref, cal_mode, out, classes) -> dict:
     """The rate the loads are fractions of: a live backlog burst (compared too), the same burst
-    simulated with the profile scaled by a fresh calibration, or a fixed rate."""
+    simulated with the profile alone (deterministic: the same requests in every session), or a fixed rate."""
     sat = OmegaConf.to_container(cfg.saturation, resolve=True)
     method = sat["method"]
     if method == "fixed":
@@ -182,15 +184,13 @@ def _saturation(cfg, pool, engine, replica, base, ref, cal_mode, out, classes) -
                              field=f"saturation.rates_qps.{pool.name}", value=rate)
         return {"method": "fixed", "rate_qps": float(rate)}
     burst = burst_workload(pool, int(sat["num_requests"]))
-    if method == "costmodel":
-        cal = calibrate_speed(engine, base, ref, min_cpu_fraction=float(cfg.calibration.min_cpu_fraction))
-        cm = _scaled(base, cal, cal_mode)
-        sim = simulate_like_engine(cfg, burst, replica, cm)
+    if method == "costmodel":  # the profile alone: the same rate, so the same requests, in every session
+        sim = simulate_like_engine(cfg, burst, replica, base)
         fin = sim.requests[sim.requests["outcome"] == FINISHED]
         span = float(fin["finish_s"].max() - sim.requests["arrival_s"].min()) if len(fin) else math.nan
         rate = len(fin) / span if span > 0 else math.nan
-        return {"method": "costmodel", "rate_qps": rate, "num_requests": len(burst), "speed": cal.to_dict(),
-                "cost_model": getattr(cm, "name", "")}
+        return {"method": "costmodel", "rate_qps": rate, "num_requests": len(burst),
+                "cost_model": getattr(base, "name", "")}
     if method != "burst":
         raise InputError("unknown method; choose burst, costmodel or fixed", field="saturation.method", value=method)
     wl = with_classes(burst, classes, float((cfg.get("priority") or {}).get("first_class_share", 0.5)), int(cfg.seed))

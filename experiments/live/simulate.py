@@ -38,6 +38,13 @@ class EngineFacts:
     limits: EngineLimits
 
 
+def usable_kv_blocks(num_gpu_blocks: int) -> int:
+    """KV blocks requests can hold in a vLLM v1 engine that resolved `num_gpu_blocks`: one fewer,
+    vLLM's block pool keeps block 0 as its null block (`vllm/v1/core/block_pool.py`, `BlockPool.__init__`:
+    `self.null_block = self.free_block_queue.popleft()`; vLLM 0.32)."""
+    return int(num_gpu_blocks) - 1
+
+
 def engine_replica(cfg: DictConfig, engine: EngineFacts | None = None) -> ReplicaSpec:
     """The simulated replica, built by the one wiring (`experiments.wiring.replica_specs`) from
     `cfg.cluster` (one replica with the server's limits), `cfg.policy` and `cfg.costmodel`; with

@@ -1,0 +1,128 @@
+"""The in-process live mode's arithmetic (speed scales, noise accounting, target counts, classes) and
+its bad-input paths; no engine needed. The engine itself: tests/test_validate_live.py."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from experiments.live.inprocess import (
+    ReferenceSteps, ScaledCostModel, fit_speed_scale, step_kind, step_price_errors,
+)
+from experiments.live.inprocess_mode import with_classes
+from experiments.live.simulate import noise_accounting, target_counts
+from sim.costmodel import ConstantCostModel
+from sim.errors import InputError
+from tests.test_validate import TRACE, compose_validate
+
+
+def test_step_kinds():
+    assert step_kind([0, 5, 5, 0], [3, 0, 2, 0]).tolist() == ["decode", "prefill", "mixed", "decode"]
+
+
+def test_speed_scales_are_measured_over_priced_time_overall_and_per_kind():
+    pts = [{"kind": "prefill", "measured_s": 0.12, "price_s": 0.10},
+           {"kind": "prefill", "measured_s": 0.33, "price_s": 0.30},   # prefill: 0.45 / 0.40
+           {"kind": "decode", "measured_s": 0.018, "price_s": 0.020},  # decode: 0.9
+           {"kind": "mixed", "measured_s": math.nan, "price_s": 0.05}]  # not timed cleanly: ignored
+    overall, by_kind = fit_speed_scale(pts)
+    assert overall == pytest.approx((0.12 + 0.33 + 0.018) / (0.10 + 0.30 + 0.020))
+    assert by_kind["prefill"] == pytest.approx(1.125) and by_kind["decode"] == pytest.approx(0.9)
+    assert by_kind["mixed"] == pytest.approx(overall)  # no point of its own
+    with pytest.raises(InputError, match="no reference step"):
+        fit_speed_scale([{"kind": "decode", "measured_s": math.nan, "price_s": 0.02}])
+
+
+def test_scaled_cost_model_multiplies_each_step_kind_by_its_scale():
+    m = ScaledCostModel(ConstantCostModel(0.01), {"prefill": 2.0, "decode": 0.5, "mixed": 1.5})
+    assert m.step_time_s(100, 0, 0, 0, 1) == pytest.approx(0.02)
+    assert m.step_time_s(0, 0, 4, 400, 4) == pytest.approx(0.005)
+    assert m.step_time_s(100, 0, 4, 400, 5) == pytest.approx(0.015)
+    assert m.step_times_s([100, 0, 100], [0, 0, 0], [0, 4, 4], [0, 400, 400], [1, 4, 5]).tolist() == pytest.approx(
+        [0.02, 0.005, 0.015])
+    assert m.num_kv_blocks(16) == ConstantCostModel(0.01).num_kv_blocks(16)
+    with pytest.raises(InputError, match="scale_by_kind.decode"):
+        ScaledCostModel(ConstantCostModel(0.01), {"prefill": 1.0, "decode": 0.0, "mixed": 1.0})
+
+
+def test_step_price_errors_per_kind():
+    steps = pd.DataFrame({"num_prefill_tokens": [100, 0, 0], "prefill_context": 0, "num_decodes": [0, 2, 2],
+                          "decode_context_sum": [0, 50, 52], "batch_size": [1, 2, 2], "wall_s": [0.02, 0.01, 0.005]})
+    e = step_price_errors(steps, ConstantCostModel(0.01))
+    assert e["prefill"]["median_rel_error"] == pytest.approx(-0.5)
+    assert e["decode"]["num_steps"] == 2 and e["decode"]["sum_rel_error"] == pytest.approx(0.02 / 0.015 - 1)
+    assert "mixed" not in e and e["all"]["measured_sum_s"] == pytest.approx(0.035)
+
+
+def _err(metric, q, rep, live, sim):
+    return {"workload": "conv", "load": 0.6, "metric": metric, "percentile": q, "repeat": rep, "live_s": live,
+            "sim_s": sim, "rel_error": (sim - live) / live}
+
+
+def test_noise_accounting_by_hand():
+    errors = [
+        # live 1.00 / 1.10 / 0.95 -> median 1.00, spread 0.15; sim median 1.08: +8% <= 15% within noise, > 5% target
+        _err("ttft", 50, 0, 1.00, 1.10), _err("ttft", 50, 1, 1.10, 1.08), _err("ttft", 50, 2, 0.95, 1.02),
+        # live 2.00 / 2.02 / 2.01 -> spread 1%; sim 2.06 (+2.5%): outside the noise, within the 5% target
+        _err("e2e", 90, 0, 2.00, 2.06), _err("e2e", 90, 1, 2.02, 2.06), _err("e2e", 90, 2, 2.01, 2.06),
+        # P99 target is 10%: live 3.0 / 3.3 -> median 3.15, spread 0.3/3.15; sim 3.4 (+7.9%): both
+        _err("tbt", 99, 0, 3.0, 3.4), _err("tbt", 99, 1, 3.3, 3.4),
+    ]
+    out = noise_accounting(errors)
+    rows = {(r["metric"], r["percentile"]): r for r in out["rows"]}
+    r = rows[("ttft", 50)]
+    assert r["live_median_s"] == 1.00 and r["live_spread"] == pytest.approx(0.15)
+    assert r["sim_error_vs_live_median"] == pytest.approx(0.08)
+    assert r["within_noise"] and not r["within_target"]
+    r = rows[("e2e", 90)]
+    assert r["live_spread"] == pytest.approx(0.02 / 2.01)
+    assert r["sim_error_vs_live_median"] == pytest.approx(0.05 / 2.01)
+    assert not r["within_noise"] and r["within_target"]
+    r = rows[("tbt", 99)]
+    assert r["within_noise"] and r["within_target"]
+    assert out["counts"] == {"comparisons": 3, "within_noise": 2, "within_target": 2}
+    assert noise_accounting([e for e in errors if e["repeat"] == 0])["counts"]["comparisons"] == 0
+
+
+def test_target_counts_use_the_percentile_targets_and_count_missing_errors_as_misses():
+    errors = [{"percentile": 50, "rel_error": 0.049}, {"percentile": 90, "rel_error": -0.051},
+              {"percentile": 99, "rel_error": 0.099}, {"percentile": 99, "rel_error": None},
+              {"percentile": 50, "rel_error": float("nan")}]
+    assert target_counts(errors) == {"comparisons": 5, "within_target": 2}
+
+
+def test_two_classes_are_drawn_by_share_and_seed():
+    wl = pd.DataFrame({"arrival_s": np.arange(2000) / 10.0, "num_prompt_tokens": 10, "num_output_tokens": 5})
+    a = with_classes(wl, {"high": 0, "low": 1}, 0.3, seed=0)
+    assert (a["qos_class"] == "high").mean() == pytest.approx(0.3, abs=0.03)
+    assert (a.loc[a["qos_class"] == "high", "priority"] == 0).all()
+    assert (a.loc[a["qos_class"] == "low", "priority"] == 1).all()
+    assert a.equals(with_classes(wl, {"high": 0, "low": 1}, 0.3, seed=0))
+    assert with_classes(wl, None, 0.3, seed=0) is wl
+
+
+def test_reference_steps_fit_the_token_budget():
+    prefill, groups = ReferenceSteps().shapes(max_tokens=256)
+    assert [s.prefill_chunks for s in prefill] == [((64, 0),), ((256, 0),), ((256, 512),)]
+    assert [g.num_decodes for g in groups] == [1, 16, 48]
+    assert [s.num_tokens for g in groups for s in g.shapes] == [1, 16, 16 + 128, 48, 48 + 128]
+    with pytest.raises(InputError, match="calibration.reference"):
+        ReferenceSteps(repetitions=0)
+
+
+@pytest.mark.skipif(not TRACE.exists(), reason=f"Azure trace not found at {TRACE}")
+@pytest.mark.parametrize("override,expected", [
+    (["mode=bogus"], "field 'mode'"),
+    (["priority.enabled=true"], "policy=vllm_priority"),
+    (["calibration.mode=sometimes"], "calibration.mode"),
+    (["policy=vllm_priority", "priority.enabled=true", "priority.classes.low=x"], "priority.classes"),
+])
+def test_bad_inprocess_settings_stop_before_an_engine_starts(tmp_path, override, expected):
+    from experiments.validate import run
+
+    cfg = compose_validate(["~workloads.code", *override])
+    with pytest.raises(InputError, match=expected.replace(".", r"\.")):
+        run(cfg, tmp_path)
