@@ -13,11 +13,12 @@ cost being the weight transfer. **Our design**: everything concrete below.
   P90 prompt) given at construction (the operator's history of the service). Arrivals are
   counted per prompt bin (the output length is unknown at arrival) and spread over output bins
   by the shares seen in completed requests (seeded by the given statistics).
-- Gain: (served req/s of the best deployment - of the current one) x window_s, both by the
-  max-flow at the forecast x `headroom`. Cost: for each replica that changes, its served req/s x
-  (estimated drain + weight transfer + `reinit_s`). Switch when gain > cost, one switch at a time.
-- Weight transfer (greedy reuse): a GPU whose previous replica had degree j >= the new degree
-  k already holds its new shard (TP shards of powers of two nest); for j > k it is missing
+- Gain: (served flow of the best deployment - of the current one) x window_s, both by the
+  max-flow at the forecast x `headroom`, in demand-equivalent requests (planner.oserve_plan.FlowPlan).
+  Cost: for each replica that changes, its served flow (same unit) x (estimated drain + weight
+  transfer + `reinit_s`): the requests the pool does not serve while it switches. Switch when gain > cost, one switch at a time.
+- Weight transfer (greedy reuse): a GPU whose previous replica had degree j <= the new degree
+  k already holds its new (smaller) shard (TP shards of powers of two nest); for j > k it is missing
   weight_bytes(k) - weight_bytes(j) bytes (per-GPU shard sizes), copied from peers over the
   interconnect (NVLink; all GPUs of the replica in parallel); a fresh GPU loads
   its shard from host at the host load bandwidth. These times are the load times of catalog
@@ -87,6 +88,16 @@ def switch_catalog(template_spec, configs: Sequence[ReplicaConfig], reinit_s: fl
             name = config_name(k, j)
             out[name] = replace(template_spec, cost_model=cost, tp=k, name=name, num_kv_blocks=None)
     return out
+
+
+def _equivalent_per_replica(plan) -> np.ndarray:
+    """Each replica's served flow in the plan's demand-equivalent req/s (the unit of `served`)."""
+    w = np.where(np.isfinite(plan.work), plan.work, 0.0)
+    total = plan.demand.sum()
+    mean_w = float((plan.demand * w).sum()) / total if total > 0 else 0.0
+    if mean_w <= 0:
+        return np.zeros(plan.flow.shape[1])
+    return (plan.flow * w[:, None]).sum(axis=0) / mean_w
 
 
 class OServeController:
@@ -224,7 +235,7 @@ class OServeController:
             best = refine(cur, self.configs, self.rates, target, max_iters=self.max_iters)
             gain = (best.served - cur_plan.served) * self.window_s
             keep, drain, add = self._diff(ids, cur, best.deployment)
-            per_replica = cur_plan.flow.sum(axis=0)
+            per_replica = _equivalent_per_replica(cur_plan)
             reps = {r.replica_id: r for r in view.replicas}
             cost, down = 0.0, 0.0
             freed = sorted((self._active[i] for i in drain), reverse=True)
