@@ -96,3 +96,38 @@ def markdown(summary: dict) -> str:
                          f"{sw.get('num_switches', 0)} | {sw.get('total_switch_s', 0.0):.1f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _geomean(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None and math.isfinite(x) and x > 0]
+    return float(np.exp(np.mean(np.log(xs)))) if xs else math.nan
+
+
+def claim(summary: dict, paper: dict) -> dict:
+    """Each strategy vs vLLM-DP over every scenario: geometric mean and best of the P99 e2e
+    speed-up and of the goodput ratio (scenarios where vLLM-DP's goodput is 0 have no finite
+    ratio and are counted apart)."""
+    out: dict = {"paper": dict(paper)}
+    for name in ("best_homogeneous", "best_static_heterogeneous", "oserve"):
+        sp = [sc["ratios"][name]["p99_e2e_speedup"] for sc in summary["scenarios"].values() if name in sc["ratios"]]
+        gp = [sc["ratios"][name]["goodput_ratio"] for sc in summary["scenarios"].values() if name in sc["ratios"]]
+        fin = [g for g in gp if math.isfinite(g)]
+        out[name] = {"p99_speedup_geomean": _geomean(sp), "p99_speedup_max": max(sp) if sp else math.nan,
+                     "p99_speedup_min": min(sp) if sp else math.nan,
+                     "goodput_ratio_geomean": _geomean(fin), "goodput_ratio_max": max(fin) if fin else math.nan,
+                     "num_scenarios": len(sp), "num_without_finite_goodput_ratio": len(gp) - len(fin)}
+    vs_homo = [sc["results"]["best_homogeneous"]["p99_e2e_s"] / sc["results"]["oserve"]["p99_e2e_s"]
+               for sc in summary["scenarios"].values()
+               if {"oserve", "best_homogeneous"} <= set(sc["results"]) and sc["results"]["oserve"]["p99_e2e_s"] > 0]
+    out["oserve_vs_best_homogeneous_p99_speedup_geomean"] = _geomean(vs_homo)
+    return out
+
+
+def claim_text(c: dict) -> str:
+    o = c["oserve"]
+    return (f"OServe vs vLLM-DP over {o['num_scenarios']} scenario-workloads: P99 e2e speed-up "
+            f"{o['p99_speedup_geomean']:.2f}x geometric mean ({o['p99_speedup_min']:.2f}x-{o['p99_speedup_max']:.2f}x); "
+            f"goodput {o['goodput_ratio_geomean']:.2f}x geometric mean where finite ({o['num_without_finite_goodput_ratio']} "
+            f"with vLLM-DP goodput 0). OServe vs the best homogeneous split: P99 speed-up "
+            f"{c['oserve_vs_best_homogeneous_p99_speedup_geomean']:.2f}x geometric mean. "
+            f"Paper: {c['paper']['average']}x average, up to {c['paper']['up_to']}x.\n")

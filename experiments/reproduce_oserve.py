@@ -31,7 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from analysis.oserve import markdown, ratios, summarize, switches
+from analysis.oserve import claim, claim_text, markdown, ratios, summarize, switches
 from experiments.app import hydra_app, write_json
 from experiments.reproduce import compose_part
 from experiments.wiring import replica_specs, simulate_config
@@ -310,31 +310,12 @@ def reproduce_oserve(ocfg: DictConfig, out_dir: Path) -> dict:
         for workload in ocfg.workloads:
             summary["scenarios"][f"{scenario}/{workload}"] = run_scenario(cfg, ocfg, workload, cache_dir)
     summary["wall_s"] = time.perf_counter() - t_all
-    summary["claim"] = claim(summary)
+    summary["claim"] = claim(summary, PUBLISHED["p99_e2e_and_throughput_vs_vllm"])
     write_json(out_dir / "reproduction_oserve.json", summary)
     (out_dir / "reproduction_oserve.md").write_text(
         f"# OServe reproduction ({'smoke' if ocfg.smoke else 'full'}; {summary['wall_s'] / 60:.1f} min)\n\n"
         + markdown(summary) + "\n" + claim_text(summary["claim"]))
     return summary
-
-
-def claim(summary: dict) -> dict:
-    """OServe (re-planned) vs vLLM-DP over every scenario: mean and max P99 e2e speed-up and goodput ratio."""
-    sp = [sc["ratios"]["oserve"]["p99_e2e_speedup"] for sc in summary["scenarios"].values()
-          if "oserve" in sc["ratios"]]
-    gp = [sc["ratios"]["oserve"]["goodput_ratio"] for sc in summary["scenarios"].values() if "oserve" in sc["ratios"]]
-    het = [sc["ratios"]["best_static_heterogeneous"]["p99_e2e_speedup"] for sc in summary["scenarios"].values()
-           if "best_static_heterogeneous" in sc["ratios"]]
-    f = (lambda x: float(np.exp(np.mean(np.log(x)))) if x and all(v > 0 for v in x) else float("nan"))
-    return {"oserve_p99_speedup_geomean": f(sp), "oserve_p99_speedup_max": max(sp) if sp else float("nan"),
-            "oserve_goodput_ratio_geomean": f(gp), "oserve_goodput_ratio_max": max(gp) if gp else float("nan"),
-            "static_heterogeneous_p99_speedup_geomean": f(het), "paper": PUBLISHED["p99_e2e_and_throughput_vs_vllm"]}
-
-
-def claim_text(c: dict) -> str:
-    return (f"OServe vs vLLM-DP: P99 e2e speed-up {c['oserve_p99_speedup_geomean']:.2f}x geometric mean, "
-            f"{c['oserve_p99_speedup_max']:.2f}x best; goodput {c['oserve_goodput_ratio_geomean']:.2f}x geometric mean, "
-            f"{c['oserve_goodput_ratio_max']:.2f}x best (paper: 1.5x average, up to 2x).\n")
 
 
 @hydra_app(config_path="../conf", config_name="reproduce_oserve", prog="experiments.reproduce_oserve")
