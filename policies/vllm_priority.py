@@ -13,7 +13,12 @@ Source: `vllm/v1/core/sched/scheduler.py` (`Scheduler.schedule`) and `request_qu
 3. If nothing was preempted, waiting requests (new and preempted alike) are admitted in
    `(priority, arrival_time, request_id)` order while the budget, `max_num_seqs` and KV blocks
    allow, stopping at the first that does not fit (head-of-line). A waiting request never
-   preempts a running one.
+   preempts a running one. With `reserve_full_sequence` (vLLM 0.32's
+   `scheduler_reserve_full_isl`, on by default: `vllm/config/scheduler.py`, applied in
+   `KVCacheManager.allocate_slots(full_sequence_must_fit=...)`), a waiting request is admitted
+   only if the free KV blocks hold its whole sequence so far (prompt plus output emitted, at most
+   `max_model_len`), not only its first chunk; this gate is what keeps vLLM from over-admitting
+   under chunked prefill and thrashing (preempting) later.
 
 A request's priority comes from its QoS class (`priorities`: class -> integer, smaller served
 first, vLLM's convention; classes not listed get `default_priority`): our design, the
@@ -40,7 +45,7 @@ class VllmPriority:
     fast_forward_safe = True  # nothing waiting and nobody preempted: the running list in order, as FCFS
 
     def __init__(self, priorities: Mapping[str, int] | None = None, default_priority: int = 0,
-                 token_budget: int | None = None) -> None:
+                 token_budget: int | None = None, reserve_full_sequence: bool = True) -> None:
         if token_budget is not None and token_budget < 1:
             raise ValueError(f"VllmPriority: token_budget must be >= 1 or None, got {token_budget}")
         prio = dict(priorities or {})
@@ -53,6 +58,8 @@ class VllmPriority:
         self.default_priority = default_priority
         self.token_budget = token_budget
         """Tokens per step; None (or more than the replica's limit) = `max_num_batched_tokens`."""
+        self.reserve_full_sequence = bool(reserve_full_sequence)
+        """Admit a waiting request only if its whole sequence so far fits the free KV blocks (vLLM's default)."""
 
     def key(self, req: Request) -> tuple:
         """vLLM's `Request.__lt__` order: (priority, arrival time, id); smaller is served first."""
@@ -65,8 +72,20 @@ class VllmPriority:
             budget = self.token_budget
         budget = self._continue_running(ctx, plan, budget)
         if not plan.preempted and ctx.waiting and budget > 0:
-            admit_waiting(ctx, plan, budget, sorted(ctx.waiting, key=self.key))
+            queue = sorted(ctx.waiting, key=self.key)
+            admit_waiting(ctx, plan, budget, self._gated(ctx, queue) if self.reserve_full_sequence else queue)
         return plan
+
+    @staticmethod
+    def _gated(ctx: StepContext, queue: list[Request]):
+        """`queue` up to the first request whose whole sequence so far does not fit the free KV blocks
+        (checked when `admit_waiting` asks for it, after the admissions before it took their blocks)."""
+        kv, max_len = ctx.kv, ctx.limits.max_model_len
+        for req in queue:
+            n = req.num_prompt_tokens + req.num_output_done
+            if kv.blocks_for(n if n < max_len else max_len) - req.num_blocks > kv.num_free_blocks:
+                return
+            yield req
 
     def _continue_running(self, ctx: StepContext, plan: StepPlan, budget: int) -> int:
         left = ctx.continue_running_fast(plan, budget)  # certain outcome: nobody can be preempted

@@ -125,3 +125,20 @@ def test_under_overload_the_high_class_waits_less():
     assert (r["outcome"] == "finished").all()
     ttft = r.groupby("qos_class")["ttft_s"].median()
     assert ttft["high"] < 0.5 * ttft["low"]
+
+
+@pytest.mark.parametrize("ff", [True, False])
+def test_a_waiting_request_is_admitted_only_when_its_whole_sequence_fits(ff):
+    # 4 blocks of 4 tokens, 4 tokens a step, 1 s a step. R0 (high; 3 + 2) holds 1 block from t=0;
+    # R1 (low; 13 + 2) arrives at 0.5 and needs 4 blocks for its whole prompt. At t=1 its first
+    # chunk would fit (3 free blocks) but its whole sequence would not (vLLM's
+    # scheduler_reserve_full_isl): it waits until R0 finishes at 2.0, then prefills 4 + 4 + 4 + 1
+    # tokens ([2, 6)) and decodes once: first token at 6.0, finished at 7.0.
+    rows = [(0.0, 3, 2, "high"), (0.5, 13, 2, "low")]
+    _, r = _run(rows, PRIORITY, kv_blocks=4, block_size=4, max_num_batched_tokens=4, max_num_seqs=4, fast_forward=ff)
+    assert r.loc[0, "finish_s"] == 2.0
+    assert r.loc[1, "first_scheduled_s"] == 2.0 and r.loc[1, "first_token_s"] == 6.0 and r.loc[1, "finish_s"] == 7.0
+    # without the gate (vLLM before it): admitted at 1.0 with a 3-token chunk beside R0's decode
+    _, g = _run(rows, functools.partial(VllmPriority, priorities=PRIO, reserve_full_sequence=False), kv_blocks=4,
+                block_size=4, max_num_batched_tokens=4, max_num_seqs=4, fast_forward=ff)
+    assert g.loc[1, "first_scheduled_s"] == 1.0 and g.loc[1, "first_token_s"] == 5.0
