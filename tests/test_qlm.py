@@ -165,11 +165,25 @@ def test_generous_slos_never_evict_or_swap(estimator, scheduler):
     assert st["num_swaps"] == 0 and st["num_evictions"] == 0
     assert res.info["num_model_swaps"] == 0 and res.info["num_evictions"] == 0
     assert (res.requests["outcome"] == "finished").all()
+    if scheduler == "milp":
+        return  # the MILP under tight SLOs: test_the_milp_falls_back_to_edf_when_it_has_no_answer_in_time
     # the same traffic with tight SLOs makes QLM act (so the zeros above are not vacuous)
     _, tight = run(_three_models(), reps, catalog, slo=slo(i=0.5, b=2.0), tick_s=0.5, pull_cap=2,
                    estimator=estimator, scheduler=scheduler)
     st = tight.stats()
     assert st["num_predicted_misses"] > 0 and st["num_reorders"] + st["num_swaps"] + st["num_evictions"] > 0
+
+
+def test_the_milp_falls_back_to_edf_when_it_has_no_answer_in_time():
+    catalog = {m: spec(m, load_s=3.0) for m in "ABC"}
+    reps = [catalog["A"], catalog["B"], catalog["C"], catalog["A"]]
+    kw = dict(slo=slo(i=0.5, b=2.0), tick_s=0.5, pull_cap=2, scheduler="milp", milp_max_groups=3)
+    res, ctl = run(_three_models(), reps, catalog, milp_time_limit_s=1e-7, **kw)
+    st = ctl.stats()
+    assert st["milp_calls"] > 0 and st["milp_fallbacks"] == st["milp_calls"] and st["num_reorders"] > 0
+    assert (res.requests["outcome"] == "finished").all()
+    _, solved = run(_three_models(), reps, catalog, milp_time_limit_s=5.0, **kw)
+    assert solved.stats()["milp_calls"] > 0 and solved.stats()["milp_fallbacks"] == 0
 
 
 def test_a_model_nobody_serves_gets_exactly_one_swap_with_generous_slos():

@@ -127,6 +127,7 @@ class QLM:
         self._target: dict[int, str] = {}
         self._prompt_mean = [0.0, 0]
         self._predictions: list[tuple] = []
+        self._milp_sig: tuple | None = None
         self._counts = {"num_evictions": 0, "num_swaps": 0, "num_rebalances": 0, "num_steals": 0, "num_reorders": 0,
                         "milp_calls": 0, "milp_time_s": 0.0, "milp_fallbacks": 0, "num_predicted_misses": 0,
                         "num_groups": 0, "num_ticks": 0, "control_time_s": 0.0}
@@ -448,6 +449,11 @@ class QLM:
                           and (self.model_swapping or self._serves(r, g.model)))
             service.append(row)
             allowed.append(ok)
+        sig = (tuple((g.gid, len(g.requests), g.replica) for g in chosen),
+               tuple((r.replica_id, r.state, r.model, r.num_running + r.num_waiting) for r in reps))
+        if sig == self._milp_sig:
+            return True  # nothing changed since the last plan: keep it
+        self._milp_sig = None
         inst = MilpInstance([g.deadline_s - now for g in chosen], [len(g.requests) for g in chosen],
                             [g.model for g in chosen], service, allowed, base, current, loads,
                             num_slots=min(len(chosen), max(1, -(-len(chosen) // len(reps)) + 2)) if self.load_balancing
@@ -460,6 +466,7 @@ class QLM:
         if plan is None:
             self._counts["milp_fallbacks"] += 1
             return False
+        self._milp_sig = sig
         changed = False
         for k, r in enumerate(reps):
             rid = r.replica_id
@@ -567,15 +574,17 @@ class QLM:
     def _swap_needed(self, g: Group, r, view, now: float) -> bool:
         """Would head group `g` miss its deadline without swapping r: served after the groups
         of r's current model in r's queue if any, else by the best replica serving its model
-        (if any)? (The estimator decides; no swap is made that the estimate does not call for.)"""
+        (with load balancing on; never otherwise)? (The estimator decides; no swap is made that
+        the estimate does not call for.)"""
         vq = self._vq[r.replica_id]
         same = [x for x in vq if x.model == r.model]
         if same:  # keep the model: serve those first, then swap for g
             ests, _, _ = self._walk(r, same + [g], view)
             wait = ests[-1].mean_s
         else:
+            # elsewhere only if groups may move (load balancing); else never
             homes = [h for h in view.replicas if h.replica_id != r.replica_id and self._serves(h, g.model)]
-            wait = min((self._queue_end_s(h, view) for h in homes), default=_INF)
+            wait = min((self._queue_end_s(h, view) for h in homes), default=_INF) if self.load_balancing else _INF
         return wait == _INF or now + wait > g.deadline_s  # never served otherwise, or late
 
     def _evictions(self, view, now: float, misses: dict[int, list[Group]]) -> list:
