@@ -28,9 +28,19 @@ OVERRIDES = ["loads=[0.6]", "~workloads.code", "duration_s=20", "min_requests=50
 """The CI replay: ~95 requests over 20 s of Poisson arrivals; the same settings as the noise measurement
 `python -m experiments.validate <these> repeats=3` (docs/validation.md)."""
 
-TOLERANCE = {("ttft", 50): 0.25, ("ttft", 90): 0.25, ("tbt", 50): 0.15, ("tbt", 90): 0.15,
-             ("tpot", 50): 0.15, ("tpot", 90): 0.15, ("e2e", 50): 0.15, ("e2e", 90): 0.15}
-"""|simulated - live| / live allowed per (metric, percentile): PLACEHOLDER, set from the measured noise."""
+TOLERANCE = {("ttft", 50): 0.15, ("ttft", 90): 0.20, ("tpot", 90): 0.15, ("e2e", 50): 0.15, ("e2e", 90): 0.15}
+"""|simulated - live| / live allowed per (metric, percentile). PROVISIONAL (2026-11-30): the in-process
+noise on a quiet machine could not be measured in the session that wrote this test (load average 4.5-8
+from other jobs; the three identical replays of this workload spread 32-170% with 20-42% of their time
+in contended steps, docs/validation.md "Measured so far"), so these are the live run-to-run spread of
+the calmest server-mode session (3-8% at P50/P90, docs/validation.md "Live run-to-run noise"; an
+in-process replay has less in it: no HTTP server or client) plus the 5% target, and 5% more for TTFT
+P90, which queueing amplifies. Replace them by the spread `python -m experiments.validate <OVERRIDES>
+repeats=3` measures on a quiet machine (`noise_accounting` in validation.json) plus the target.
+Not asserted: P99 (one request of ~95), TBT P50/P90 and TPOT P50: token gaps are bimodal (decode-only
+steps ~15-20 ms, steps with a prefill chunk 30-85 ms) and their P50/P90 can sit on the edge between
+the modes, so a few percent more mixed steps moves them by tens of percent (+39% TBT P90 and +58%
+TBT P50 in single server-mode replays whose other percentiles were within 2-16%)."""
 
 MAX_SPEED_DRIFT = 0.05
 """The reference steps timed after the replay may differ from those timed before it by this much
