@@ -100,6 +100,16 @@ def capacity_settings(cfg: DictConfig, settings: PlanSettings) -> CapacitySettin
         raise InputError(e.problem, field=f"plan.{e.field}" if e.field else "plan.capacity", value=e.value) from None
 
 
+def hardware_option(cfg: DictConfig, name: str) -> str | dict:
+    """What a pool's `hardware` key gets for `name`: the conf/hardware option name, or the
+    mapping given inline under `plan.hardware_specs.<name>` (e.g. a CPU VM the planner prices)."""
+    inline = cfg.plan.get("hardware_specs") or {}
+    if name in inline:
+        return OmegaConf.to_container(inline[name], resolve=True)
+    _option("hardware", name, "plan.hardware")  # InputError naming the key for an unknown option
+    return name
+
+
 def prices(cfg: DictConfig) -> dict[str, float]:
     """USD per GPU-hour of every planned hardware: `plan.prices.<name>`, else the conf/hardware file's
     `price_per_gpu_hour`. InputError for a hardware without a price."""
@@ -109,7 +119,9 @@ def prices(cfg: DictConfig) -> dict[str, float]:
     for hw in _list(cfg, "hardware"):
         price = given.get(hw)
         if price is None:
-            price = _option("hardware", hw, "plan.hardware").get("price_per_gpu_hour")
+            spec = hardware_option(cfg, hw)
+            price = (spec if isinstance(spec, dict) else _option("hardware", hw, "plan.hardware")).get(
+                "price_per_gpu_hour")
         if isinstance(price, bool) or not isinstance(price, (int, float)) or not price > 0:
             raise InputError(f"no price per GPU-hour for {hw}: set plan.prices.{hw}=<USD> (or price_per_gpu_hour "
                              f"in conf/hardware/{hw}.yaml, with its source)", field=f"plan.prices.{hw}", value=price)
@@ -177,8 +189,8 @@ def fleet_config(cfg: DictConfig, c: Candidate, counts: tuple[int, ...]) -> Dict
     out.model = _option("model", c.model, "plan.models")
     out.policy = _option("policy", c.policy, "plan.policies")
     out.cluster.num_replicas = None
-    out.cluster.pools = [{"name": p.name, "count": int(n), "model": c.model, "hardware": p.hardware, "tp": p.tp,
-                          "policy": c.policy} for p, n in zip(c.pools, counts) if n > 0]
+    out.cluster.pools = [{"name": p.name, "count": int(n), "model": c.model, "hardware": hardware_option(cfg, p.hardware),
+                          "tp": p.tp, "policy": c.policy} for p, n in zip(c.pools, counts) if n > 0]
     if c.topology == "siloed":
         router = _option("router", "siloed", "router")
         router["pools"] = {p.name: list(p.classes) for p, n in zip(c.pools, counts) if n > 0}
@@ -420,12 +432,14 @@ def check(verify, c: Candidate, counts: tuple[int, ...], seeds: list[int], setti
 
 def run_command(fcfg: DictConfig, c: Candidate, counts: tuple[int, ...], rate_qps: float,
                 base_overrides: list[str]) -> str:
-    """The plain `python -m experiments.run ...` that simulates the winner once (the run app's
-    defaults plus the plan's own overrides that the run app knows, the winner's pools and rate)."""
-    keep = [o for o in base_overrides if not o.lstrip("+~").split("=", 1)[0].split(".")[0] in
-            ("plan", "uncertainty", "hydra", "capacity") and not o.startswith("+plan=")]
-    pools = ",".join("{" + ",".join(f"{k}:{v}" for k, v in pool.items()) + "}"
-                     for pool in OmegaConf.to_container(fcfg.cluster.pools))
+    """The plain `python -m experiments.run ...` that simulates the winner once with the nominal
+    cost model: the run app's defaults, the plan's own overrides and scenario file (`+plan=`),
+    the plan's cost-model choice, the winner's pools and the target rate."""
+    # a scenario file (+plan=<name>) stays: besides plan.* (ignored by the run app) it may set the
+    # workload, slo, cluster or model the plan was made for
+    keep = [o for o in base_overrides if o.startswith("+plan=") or o.lstrip("+~").split("=", 1)[0].split(".")[0]
+            not in ("plan", "uncertainty", "hydra", "capacity")]
+    pools = ",".join(_override_value(pool) for pool in OmegaConf.to_container(fcfg.cluster.pools))
     parts = ["python", "-m", "experiments.run", *keep, f"model={c.model}", f"policy={c.policy}",
              "cluster.num_replicas=null", f"++cluster.pools=[{pools}]",
              f"workload.num_requests={fcfg.workload.num_requests}", f"workload.arrival.rate_qps={rate_qps:g}"]
@@ -433,6 +447,15 @@ def run_command(fcfg: DictConfig, c: Candidate, counts: tuple[int, ...], rate_qp
         silos = ",".join(f"{name}:[{','.join(cl)}]" for name, cl in fcfg.router.pools.items())
         parts += ["router=siloed", f"++router.pools={{{silos}}}"]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def _override_value(value: Any) -> str:
+    """A value in Hydra's override grammar: mappings as {k:v,...}, lists as [...], recursively."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_override_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return "null" if value is None else str(value)
 
 
 def write_outputs(result: dict, out: Path, cfg: DictConfig, verify) -> None:
