@@ -111,7 +111,8 @@ def claim(summary: dict, paper: dict) -> dict:
     for name in ("best_homogeneous", "best_static_heterogeneous", "oserve"):
         sp = [sc["ratios"][name]["p99_e2e_speedup"] for sc in summary["scenarios"].values() if name in sc["ratios"]]
         gp = [sc["ratios"][name]["goodput_ratio"] for sc in summary["scenarios"].values() if name in sc["ratios"]]
-        fin = [g for g in gp if math.isfinite(g)]
+        fin = [g for g in gp if g is not None and math.isfinite(g)]  # NaN is null in the JSON
+        sp = [x for x in sp if x is not None]
         out[name] = {"p99_speedup_geomean": _geomean(sp), "p99_speedup_max": max(sp) if sp else math.nan,
                      "p99_speedup_min": min(sp) if sp else math.nan,
                      "goodput_ratio_geomean": _geomean(fin), "goodput_ratio_max": max(fin) if fin else math.nan,
