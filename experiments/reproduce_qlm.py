@@ -14,7 +14,7 @@ policies compared):
 - ablation: QLM with each of its four operations switched off in turn.
 Each variant (those named in `qlm.variants`, default all) runs at every load of `qlm.loads`
 (x `qlm.base_qps`, set at `qlm.rate_key`; a part without loads runs once). Writes into the output directory one folder per part
-(`points.csv`, plots, and per part what it measures: `timeseries.csv`,
+(`points.csv`, `config_<variant>.yaml`, plots, and per part what it measures: `timeseries.csv`,
 `wait_predictions_<variant>.csv`), `reproduction_qlm.json` ({part: {variant: {load: metrics}}}
 plus QLM's gains over each baseline) and `reproduction_qlm.md` (the tables).
 """
@@ -163,6 +163,7 @@ def run_part(part: str, cfg: DictConfig, out_dir: Path) -> dict:
                              value=list(chosen))
         variants = {v: variants[v] for v in chosen}
     for label, vcfg in variants.items():
+        OmegaConf.save(vcfg, out_dir / f"config_{label}.yaml")  # what ran (before each load's rate)
         results[label] = {}
         for load in _loads(cfg):
             rate = None if load is None else load * float(base)
