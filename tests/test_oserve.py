@@ -239,6 +239,9 @@ def test_controller_errors_name_the_setting():
     with pytest.raises(InputError) as e:
         OServeController([1000], [], [1.0], [1.0], [1.0])
     assert e.value.field == "mean_prompt"
+    with pytest.raises(InputError) as e:  # built from conf/controller/oserve.yaml alone
+        OServeController(window_s=30.0)
+    assert e.value.field == "prompt_edges" and "reproduce_oserve" in str(e.value)
     ctl = _controller(wl)
     spec = ReplicaSpec(ConstantCostModel(0.01, kv_blocks=100), FCFS, EngineLimits(), name="r0")
     with pytest.raises(InputError) as e:

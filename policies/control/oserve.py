@@ -107,8 +107,9 @@ class OServeController:
     dispatch = "pull"
     wake_on = frozenset({ARRIVAL, REPLICA_STATE})
 
-    def __init__(self, prompt_edges: Sequence[float], output_edges: Sequence[float],
-                 mean_prompt: Sequence[float], mean_output: Sequence[float], p90_prompt: Sequence[float],
+    def __init__(self, prompt_edges: Sequence[float] | None = None, output_edges: Sequence[float] | None = None,
+                 mean_prompt: Sequence[float] | None = None, mean_output: Sequence[float] | None = None,
+                 p90_prompt: Sequence[float] | None = None,
                  type_counts: Sequence[float] | None = None, initial_rate_per_s: Sequence[float] | None = None,
                  window_s: float = 300.0, replan: bool = True,
                  forecaster: str = "exp_smoothing", alpha: float = 0.5, lstm: Mapping | None = None,
@@ -116,6 +117,13 @@ class OServeController:
                  tp_degrees: Sequence[int] = DEFAULT_TP_DEGREES, ttft_s: float = 2.0, tpot_s: float = 0.1,
                  utilization: float = 0.8, max_iters: int = 8, reinit_s: float = DEFAULT_REINIT_S,
                  initial_weights: bool = True, router_balance: str = "wrr", seed: int = 0) -> None:
+        given = {"prompt_edges": prompt_edges, "output_edges": output_edges, "mean_prompt": mean_prompt,
+                 "mean_output": mean_output, "p90_prompt": p90_prompt}
+        missing = [k for k, v in given.items() if v is None]
+        if missing:
+            raise InputError(f"OServe needs the request types and their length statistics ({', '.join(missing)} "
+                             "missing): experiments.reproduce_oserve derives them from the workload "
+                             "(planner.deployment.RequestTypes / TypeStats)", field=missing[0])
         self.types = RequestTypes(prompt_edges, output_edges)
         n = len(self.types)
         arrays = [np.asarray(x, dtype=float) for x in (mean_prompt, mean_output, p90_prompt)]
