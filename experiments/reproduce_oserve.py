@@ -14,7 +14,8 @@ roofline costs). Per scenario and workload, four deployment strategies run on th
 - `oserve`: the same start, re-planned each window by `policies.control.oserve.OServeController`.
 Workloads (our construction): `azure_alternating`, segments of the Azure code and conversation
 traces taking turns; `mooncake`, the Mooncake conversation trace. Arrival times are compressed
-so that the offered load is `load` x the planner's capacity of the best homogeneous split.
+(or stretched) so that the heaviest segment's demand is `load` x what the planner says the best
+homogeneous split sustains for that segment's mix (our choice of load).
 Writes reproduction_oserve.json and reproduction_oserve.md into the output directory.
 """
 

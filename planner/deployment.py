@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from sim.costmodels.roofline import RooflineCostModel
-from sim.costmodels.specs import GpuSpec, ModelSpec, kv_blocks_for, spec_to_dict
+from sim.costmodels.specs import GpuSpec, ModelSpec, kv_blocks_for
 from sim.errors import InputError
 
 DEFAULT_TP_DEGREES = (1, 2, 4, 8)
@@ -293,8 +293,3 @@ def rate_table(template: RooflineCostModel, configs: Sequence[ReplicaConfig], st
         path.write_text(json.dumps({"key": key, "inputs": key_obj,
                                     "rates_per_s": {str(k): v.tolist() for k, v in out.items()}}, indent=1))
     return out
-
-
-def spec_summary(model: ModelSpec, gpu: GpuSpec) -> dict:
-    """Model and GPU as plain dicts (for reports)."""
-    return {"model": spec_to_dict(model), "gpu": spec_to_dict(gpu)}

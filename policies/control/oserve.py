@@ -41,7 +41,7 @@ from planner.deployment import (DEFAULT_TP_DEGREES, RateSettings, ReplicaConfig,
 from planner.oserve_plan import max_flow, refine, router_weights
 from policies.estimators.forecast import ExponentialSmoothing, LSTMForecaster
 from policies.flow_router import FlowRouter
-from sim.control import (ARRIVAL, DRAINING, REPLICA_STATE, SERVING, START, STARTING, STOPPED, TICK, AddReplica,
+from sim.control import (ARRIVAL, REPLICA_STATE, SERVING, START, STARTING, STOPPED, TICK, AddReplica,
                          Assign, ClusterView, DrainReplica, ReplicaView)
 from sim.errors import InputError
 
