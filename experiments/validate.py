@@ -231,6 +231,7 @@ def _finish(report: Report, cfg: DictConfig, t_start: float) -> None:
     report.data["counts"] = {"target": TARGET, "calibrated": target_counts(report.data["errors"]),
                              "uncalibrated": target_counts(uncal),
                              "within_noise": report.data["noise_accounting"]["counts"]}
+    report.data["void_runs"] = {r["label"]: r["void"] for r in runs if r.get("void")}
     if any(r.get("per_class") for r in runs):
         pc = [e for r in runs for c in (r.get("per_class") or {}).values() for e in c["errors"]]
         report.data["counts"]["per_class"] = target_counts(pc)
@@ -538,6 +539,9 @@ def main(cfg: DictConfig) -> None:
         if wn["comparisons"]:
             print(f"over repeats, against the live median: within noise {wn['within_noise']} / {wn['comparisons']}, "
                   f"within the target {wn['within_target']} / {wn['comparisons']}")
+    if data.get("void_runs"):
+        print(f"{len(data['void_runs'])} of {len(data['runs'])} replays cannot test a 5% claim (speed drift or "
+              f"contention; docs/validation.md): {sorted(data['void_runs'])}")
     print(f"engine ({data.get('mode')}): {data['engine'].get('num_kv_blocks')} KV blocks x "
           f"{data['engine'].get('block_size')} tokens; "
           f"wall {data['wall_s']:.0f} s; load average {data['machine']['loadavg_1m']:.2f} -> "

@@ -12,7 +12,7 @@ import pytest
 from experiments.live.inprocess import (
     ReferenceSteps, ScaledCostModel, fit_speed_scale, step_kind, step_price_errors,
 )
-from experiments.live.inprocess_mode import with_classes
+from experiments.live.inprocess_mode import void_reasons, with_classes
 from experiments.live.simulate import noise_accounting, target_counts
 from sim.costmodel import ConstantCostModel
 from sim.errors import InputError
@@ -126,3 +126,16 @@ def test_bad_inprocess_settings_stop_before_an_engine_starts(tmp_path, override,
     cfg = compose_validate(["~workloads.code", *override])
     with pytest.raises(InputError, match=expected.replace(".", r"\.")):
         run(cfg, tmp_path)
+
+
+def test_a_replay_is_void_for_a_5_percent_claim_when_the_speed_moved_or_the_cpu_was_taken():
+    def res(drift, share):
+        return {"speed": {"drift": drift}, "engine_counters": {"contended_time_share": share}}
+
+    assert void_reasons(res(0.049, 0.05), 0.05, 0.05) == []
+    assert void_reasons(res(None, 0.0), 0.05, 0.05) == []  # calibration off: nothing to compare
+    [why] = void_reasons(res(-0.08, 0.01), 0.05, 0.05)
+    assert "speed drift -8.0%" in why
+    [why] = void_reasons(res(0.0, 0.2), 0.05, 0.05)
+    assert "20% of the replay's step time contended" in why
+    assert len(void_reasons(res(0.3, 0.3), 0.05, 0.05)) == 2

@@ -259,6 +259,8 @@ def one_run(cfg, label, workload_name, load, wl, engine: InProcessEngine, replic
                engine_counters=live.counters, machine=machine, machine_after=machine_after,
                request_failures=live.requests.loc[live.requests["outcome"] != FINISHED, "reject_reason"]
                .value_counts().head(5).to_dict())
+    res["void"] = void_reasons(res, float(cfg.calibration.max_drift),
+                               float(cfg.calibration.max_contended_time_share))
     res["steps"] = {"live_num_steps": live.counters["num_steps"], "sim_num_steps": int(len(sim.steps)),
                     "live_mean_tokens_per_step": live.counters["mean_tokens_per_step"],
                     "sim_mean_tokens_per_step":
@@ -272,6 +274,20 @@ def one_run(cfg, label, workload_name, load, wl, engine: InProcessEngine, replic
         plot_over_time(live.requests, sim.requests, sim.steps, live.gauges, run_dir / "over_time.png", title)
     (run_dir / "comparison.json").write_text(json.dumps(_clean(res), indent=2, allow_nan=False) + "\n")
     return res
+
+
+def void_reasons(res: dict, max_drift: float, max_contended: float) -> list[str]:
+    """Why a replay cannot test a 5% claim (empty: it can): the reference-step speed scale moved by more
+    than `max_drift` over the replay, or the engine spent more than `max_contended` of the replay's
+    step time in steps that got under 80% of a core (another process took the CPU)."""
+    out = []
+    drift = (res.get("speed") or {}).get("drift")
+    if drift is not None and abs(drift) > max_drift:
+        out.append(f"speed drift {100 * drift:+.1f}% over the replay (limit {100 * max_drift:.0f}%)")
+    share = (res.get("engine_counters") or {}).get("contended_time_share")
+    if share is not None and math.isfinite(share) and share > max_contended:
+        out.append(f"{100 * share:.0f}% of the replay's step time contended (limit {100 * max_contended:.0f}%)")
+    return out
 
 
 def per_class(live: pd.DataFrame, sim: pd.DataFrame, sim_steps: pd.DataFrame, workload, load, extra,
@@ -303,6 +319,8 @@ def print_run(res: dict) -> None:
           f" profile alone {c['uncalibrated']['within_target']}/{c['uncalibrated']['comparisons']}; "
           f"throughput req/s live {tl['requests_per_s']:.3f} sim {ts['requests_per_s']:.3f}; "
           f"preemptions live {res['steps']['live_num_preemptions']} sim {res['steps']['sim_num_preemptions']}")
+    if res.get("void"):
+        print(f"  VOID for a 5% claim: {'; '.join(res['void'])}")
     if before:
         drift = sp.get("drift")
         print(f"  speed scale prefill {before['prefill']:.3f} decode {before['decode']:.3f} mixed {before['mixed']:.3f}"
