@@ -187,6 +187,9 @@ class OServeController:
             raise InputError("OServe plans with a roofline cost model (costmodel=roofline)", field="costmodel",
                              value=getattr(self._template, "name", "?"))
         self.num_gpus = sum(r.tp for r in live)
+        lim = live[0].limits  # the rate table respects the replicas' engine limits
+        self.settings = replace(self.settings, max_num_seqs=lim.max_num_seqs,
+                                max_num_batched_tokens=lim.max_num_batched_tokens)
         self.configs = feasible_configs(self._template.model, self._template.gpu, self.num_gpus, self.tp_degrees)
         self.rates = rate_table(self._template, self.configs, self.stats, self.settings)
         self._active = {r.replica_id: r.tp for r in live}
