@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-fast-forward", action="store_true", help="step-by-step simulation (for comparison)")
     ap.add_argument("--profile", metavar="FILE", help="write a cProfile of the timed run to FILE")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--policy", choices=("fcfs", "niyama", "multimodel", "all"), default="all")
+    ap.add_argument("--policy", choices=("fcfs", "niyama", "multimodel", "qlm", "all"), default="all")
     ap.add_argument("--saturation-requests", type=int, default=3000, help=argparse.SUPPRESS)
     ap.add_argument("--instructions", action="store_true",
                     help="count instructions of a fixed 20,000-request run under callgrind; compare with the baseline")
@@ -172,9 +172,12 @@ def main(argv=None) -> dict:
     sat = saturation_qps(spec, args.saturation_requests)
     rate = args.load * sat * args.replicas
     results = []
-    for policy in (("fcfs", "niyama", "multimodel") if args.policy == "all" else (args.policy,)):
+    for policy in (("fcfs", "niyama", "multimodel", "qlm") if args.policy == "all" else (args.policy,)):
         if policy == "multimodel":
             results.append(_multi_model_run(args, args.load))
+            continue
+        if policy == "qlm":
+            results.append(_qlm_run(args, args.load))
             continue
         if policy == "niyama":
             factory, shares = _niyama_factory()
@@ -210,6 +213,37 @@ def _multi_model_run(args, load: float) -> dict:
     return _timed_run(args, specs, "3 models, swap-on-demand controller (1 s ticks)", wl, rate, sat,
                       controller=instantiate(cfg.controller), catalog=catalog_specs(cfg),
                       control=control_settings(cfg), costs="roofline cost models")
+
+
+def _qlm_run(args, load: float) -> dict:
+    """The multi-model scenario of `_multi_model_run` (8 replicas, 3 models, shares 50/30/20,
+    roofline A100 costs) under QLM (conf/controller/qlm.yaml) with its MILP scheduler, two
+    QoS classes in equal shares (conf/slo/interactive_batch.yaml). Reports QLM's counters and
+    the MILP's share of the run's wall time."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.wiring import catalog_specs, control_settings, replica_specs
+
+    with initialize_config_dir(config_dir=str(project_path("conf")), version_base="1.3"):
+        cfg = compose("config", overrides=["cluster=multi_model", "costmodel=roofline", "controller=qlm",
+                                           "controller.scheduler=milp", "slo=interactive_batch",
+                                           f"cluster.num_replicas={args.replicas}"])
+    specs = replica_specs(cfg)
+    llama = next(s for s in specs if s.model == "llama3-8b")
+    sat = saturation_qps(llama, args.saturation_requests)
+    rate = load * sat * args.replicas
+    wl = _workload(args.requests, rate, args.seed, {"interactive": 1.0, "batch": 1.0},
+                   model_shares=MULTI_MODEL_SHARES, max_total_tokens=llama.limits.max_model_len)
+    controller = instantiate(cfg.controller)
+    out = _timed_run(args, specs, "3 models, QLM controller (MILP scheduler, 1 s ticks)", wl, rate, sat,
+                     controller=controller, catalog=catalog_specs(cfg), control=control_settings(cfg),
+                     costs="roofline cost models")
+    st = controller.stats()
+    out["qlm"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()}
+    out["milp_share_of_wall"] = round(st["milp_time_s"] / out["wall_s"], 4) if out["wall_s"] else None
+    out["qlm_control_share_of_wall"] = round(st["control_time_s"] / out["wall_s"], 4) if out["wall_s"] else None
+    print(json.dumps({k: out[k] for k in ("qlm", "milp_share_of_wall", "qlm_control_share_of_wall")}))
+    return out
 
 
 def _timed_run(args, specs: list, label: str, wl, rate: float, sat: float, costs: str = "published cost model",

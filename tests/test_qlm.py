@@ -160,7 +160,7 @@ def test_generous_slos_never_evict_or_swap(estimator, scheduler):
     catalog = {m: spec(m, load_s=3.0) for m in "ABC"}
     reps = [catalog["A"], catalog["B"], catalog["C"], catalog["A"]]
     res, ctl = run(_three_models(), reps, catalog, slo=slo(i=1e5, b=1e6), tick_s=0.5, pull_cap=2,
-                   estimator=estimator, scheduler=scheduler)
+                   estimator=estimator, scheduler=scheduler, milp_interval_s=0.0)
     st = ctl.stats()
     assert st["num_swaps"] == 0 and st["num_evictions"] == 0
     assert res.info["num_model_swaps"] == 0 and res.info["num_evictions"] == 0
@@ -177,7 +177,8 @@ def test_generous_slos_never_evict_or_swap(estimator, scheduler):
 def test_the_milp_falls_back_to_edf_when_it_has_no_answer_in_time():
     catalog = {m: spec(m, load_s=3.0) for m in "ABC"}
     reps = [catalog["A"], catalog["B"], catalog["C"], catalog["A"]]
-    kw = dict(slo=slo(i=0.5, b=2.0), tick_s=0.5, pull_cap=2, scheduler="milp", milp_max_groups=3)
+    kw = dict(slo=slo(i=0.5, b=2.0), tick_s=0.5, pull_cap=2, scheduler="milp", milp_max_groups=3,
+              milp_interval_s=0.0)
     res, ctl = run(_three_models(), reps, catalog, milp_time_limit_s=1e-7, **kw)
     st = ctl.stats()
     assert st["milp_calls"] > 0 and st["milp_fallbacks"] == st["milp_calls"] and st["num_reorders"] > 0

@@ -5,7 +5,8 @@ model swapping), estimators, schedulers (EDF, MILP), grouping settings, pull cap
 modes. Every scenario must give each request exactly one outcome (and, with model swapping on
 and no horizon, every request served: nothing stranded), conserve tokens (a finished request
 emitted exactly its output tokens at ordered times, whatever replicas served it), keep the
-controller's counts equal to the cluster's, leave no request in a virtual queue, record one
+controller's counts equal to the cluster's, keep its cached queue ends equal to a fresh walk
+of the queues, leave no request in a virtual queue, record one
 wait prediction per placed request with ordered quantiles, and give the same tables for the
 same seed (EDF; a MILP under a wall-clock limit may differ run to run).
 """
@@ -65,7 +66,7 @@ def scenarios(draw):
         estimator=draw(st.sampled_from(["released", "statistical"])),
         released_tokens_per_request=draw(st.sampled_from([1, 100])),
         scheduler=draw(st.sampled_from(["edf", "edf", "milp"])), milp_time_limit_s=0.05,
-        milp_max_groups=draw(st.sampled_from([1, 4])),
+        milp_max_groups=draw(st.sampled_from([1, 4])), milp_interval_s=draw(st.sampled_from([0.0, unit])),
         pull_cap=draw(st.sampled_from([None, 1, 2, 8])),
         pulling=draw(st.booleans()), eviction=draw(st.booleans()), load_balancing=draw(st.booleans()),
         model_swapping=draw(st.booleans()), evict_mode=draw(st.sampled_from(["recompute", "transfer"])),
@@ -76,8 +77,28 @@ def scenarios(draw):
             "fast_forward": draw(st.booleans())}
 
 
+class Checked(QLM):
+    """QLM checking, at every wake and pull, that its cached queue ends equal a fresh walk."""
+
+    def _check_cache(self, view):
+        for rid, (ahead, model) in list(self._end.items()):
+            _, fresh, fresh_model = self._walk(view.replicas[rid], self._vq[rid], view)
+            assert model == fresh_model
+            assert {c: n for c, n in ahead.by_class.items() if n} == {c: n for c, n in fresh.by_class.items() if n}
+            assert (ahead.num_in_groups, ahead.prompt_tokens, ahead.swap_s) == \
+                (fresh.num_in_groups, fresh.prompt_tokens, fresh.swap_s)
+
+    def control(self, event, view):
+        self._check_cache(view)
+        return super().control(event, view)
+
+    def pull(self, replica, view):
+        self._check_cache(view)
+        return super().pull(replica, view)
+
+
 def _run(sc):
-    ctl = QLM(**sc["qlm"])
+    ctl = Checked(**sc["qlm"])
     res = simulate(sc["wl"], sc["initial"], LeastOutstandingRequests(), controller=ctl, catalog=sc["catalog"],
                    control=ControlSettings(kv_bytes_per_token=100, kv_transfer_bw_bytes_s=1e4),
                    horizon_s=sc["horizon"], check_plans=True, fast_forward=sc["fast_forward"])

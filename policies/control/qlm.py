@@ -13,7 +13,8 @@ released code places every group) (our design). Every `tick_s` the controller:
 2. predicts each group's wait (`policies.estimators.waiting`) and, when some group is
    predicted to miss its first-token deadline, reorders: EDF over group deadlines per
    virtual queue (the released default), or the MILP over all queues (`qlm_milp`, at most
-   `milp_max_groups` most urgent groups; EDF on time-out / infeasibility, counted);
+   `milp_max_groups` most urgent groups, at most once every `milp_interval_s` simulated
+   seconds; EDF on time-out / infeasibility, counted, and between solves);
 3. load balancing: a group whose replica does not serve its model moves to the replica of its
    model with the least predicted wait; then, per model, the tail group of the longest queue
    moves to the shortest when that shortens its own predicted wait (one move per model a tick);
@@ -24,7 +25,8 @@ released code places every group) (our design). Every `tick_s` the controller:
    classes (a later relative first-token deadline: batch before interactive) leave it
    (`evict_mode`), at most as many as the group has requests; they rejoin groups.
 A replica with room pulls (`pull`) the next request of the first group of its model in its
-queue while running + waiting < `pull_cap` (the released cap is 10); with load balancing on,
+queue while running + waiting < `pull_cap` (the released cap is 10); arrivals join groups at
+the next tick, or at once when a replica with room has nothing of its model queued; with load balancing on,
 a replica with nothing of its model queued takes the most urgent group of its model from a
 queue whose replica cannot serve it now. With `pulling` off, requests are assigned to their
 queue's replica as soon as it serves their model (vLLM's own queue holds them).
@@ -81,7 +83,8 @@ class QLM:
     def __init__(self, slo=None, tick_s: float = 1.0, group_window_s: float | None = 1.0,
                  max_group_size: int | None = 64, estimator: str = "released", released_tokens_per_request: int = 100,
                  scheduler: str = "edf", milp_time_limit_s: float = 0.05, milp_max_groups: int = 8,
-                 milp_swap_penalty: float = 1.0, pull_cap: int | None = 32, pulling: bool = True,
+                 milp_swap_penalty: float = 1.0, milp_interval_s: float = 10.0, pull_cap: int | None = 64,
+                 pulling: bool = True,
                  eviction: bool = True, load_balancing: bool = True, model_swapping: bool = True,
                  evict_mode: str = RECOMPUTE, seed: int = 0, min_samples: int = 20) -> None:
         if not (isinstance(tick_s, (int, float)) and tick_s > 0):
@@ -110,6 +113,9 @@ class QLM:
         self.milp_time_limit_s = float(milp_time_limit_s)
         self.milp_max_groups = int(milp_max_groups)
         self.milp_swap_penalty = float(milp_swap_penalty)
+        if not milp_interval_s >= 0:
+            raise InputError("must be >= 0 seconds", field="milp_interval_s", value=milp_interval_s)
+        self.milp_interval_s = float(milp_interval_s)
         self.pull_cap = None if pull_cap is None else int(pull_cap)
         self.pulling, self.eviction = bool(pulling), bool(eviction)
         self.load_balancing, self.model_swapping = bool(load_balancing), bool(model_swapping)
@@ -128,6 +134,9 @@ class QLM:
         self._prompt_mean = [0.0, 0]
         self._predictions: list[tuple] = []
         self._milp_sig: tuple | None = None
+        self._end: dict[int, tuple[Ahead, str]] = {}
+        """Per replica: what is ahead of a group appended to its queue, and the model there (a cache)."""
+        self._milp_last_s = -_INF
         self._counts = {"num_evictions": 0, "num_swaps": 0, "num_rebalances": 0, "num_steals": 0, "num_reorders": 0,
                         "milp_calls": 0, "milp_time_s": 0.0, "milp_fallbacks": 0, "num_predicted_misses": 0,
                         "num_groups": 0, "num_ticks": 0, "control_time_s": 0.0}
@@ -169,16 +178,21 @@ class QLM:
             return None
         if self.pull_cap is not None and replica.num_running + replica.num_waiting >= self.pull_cap:
             return None
-        self._sync(view)
         rid = replica.replica_id
         model = replica.model
         now = view.now
         self._ensure(rid)
-        for g in self._vq[rid]:
-            if g.model == model:
-                q = self._take(g, now)
-                if q is not None:
-                    return q
+        # arrivals are grouped at the next tick, or now when nothing of the model is queued here
+        for attempt in (0, 1):
+            if attempt:
+                if view.num_queued <= len(self._where):
+                    break
+                self._sync(view)
+            for g in self._vq[rid]:
+                if g.model == model:
+                    q = self._take(g, now)
+                    if q is not None:
+                        return q
         if self.load_balancing:
             g = self._steal(rid, model, view)
             if g is not None:
@@ -196,7 +210,15 @@ class QLM:
             return
         self._ensure(len(view.replicas) - 1)
         now = view.now
-        for q in view.queue:
+        new = view.num_queued - len(self._where)
+        tail = getattr(view, "queue_tail", None)
+        if tail is not None:  # usually the new ones are the latest arrivals: the tail of the queue
+            last = tail(new)
+            if not any(q.request_id in self._where for q in last):
+                for q in last:
+                    self._place(q, view, now)
+                return
+        for q in view.queue:  # evicted requests rejoin by arrival time, inside the queue
             if q.request_id not in self._where:
                 self._place(q, view, now)
 
@@ -218,8 +240,15 @@ class QLM:
             self._counts["num_groups"] += 1
             self._open[key] = g
             self._vq[g.replica].append(g)
+            self._end.pop(g.replica, None)
             self._by_model.setdefault(q.model, []).append(g)
         g.requests.append(q)
+        end = self._end.get(g.replica)
+        if end is not None:  # the tail group grew (else the cached end of the queue is stale)
+            if self._vq[g.replica][-1] is g:
+                _add(end[0], q, 1)
+            else:
+                del self._end[g.replica]
         g.num_added += 1
         g.prompt_tokens += q.num_prompt_tokens
         if d < g.deadline_s:
@@ -257,17 +286,22 @@ class QLM:
                 del self._where[q.request_id]
                 if not g.requests:
                     self._drop_group(g)
+                elif g.replica in self._end:
+                    _add(self._end[g.replica][0], q, -1)
                 return q.request_id
         return None
 
     def _drop_group(self, g: Group) -> None:
         self._vq[g.replica].remove(g)
+        self._end.pop(g.replica, None)
         self._by_model[g.model].remove(g)
         if self._open.get((g.model, g.qos_class)) is g:
             del self._open[(g.model, g.qos_class)]
 
     def _move(self, g: Group, to: int, count: str = "num_rebalances") -> None:
         self._vq[g.replica].remove(g)
+        self._end.pop(g.replica, None)
+        self._end.pop(to, None)
         g.replica = to
         self._vq[to].append(g)
         self._counts[count] += 1
@@ -348,20 +382,31 @@ class QLM:
         return (n * self.estimator.mean_output_tokens(g.qos_class) / rates.decode_at(min(n, rates.cap))
                 + g.prompt_tokens / rates.prefill_tok_s)
 
+    def _queue_end(self, r, view) -> tuple[Ahead, str]:
+        end = self._end.get(r.replica_id)
+        if end is None:
+            _, ahead, model = self._walk(r, self._vq[r.replica_id], view)
+            end = self._end[r.replica_id] = (ahead, model)
+        return end
+
     def _queue_end_s(self, r, view) -> float:
-        _, ahead, _ = self._walk(r, self._vq[r.replica_id], view)
-        return self.estimator.estimate(ahead, self._rates_of(r)).mean_s
+        return self.estimator.estimate(self._queue_end(r, view)[0], self._rates_of(r)).mean_s
 
     def _record_prediction(self, q, g: Group, view, now: float) -> None:
         r = view.replicas[g.replica]
         vq = self._vq[g.replica]
-        _, ahead, model = self._walk(r, vq, view, upto=g)
-        if g.model != model:
-            ahead.swap_s += self._load_s(view, r, g.model)
-        k = len(g.requests) - 1  # members ahead of it in its group
-        ahead.by_class[g.qos_class] = ahead.by_class.get(g.qos_class, 0) + k
-        ahead.num_in_groups += k
-        ahead.prompt_tokens += g.prompt_tokens - q.num_prompt_tokens
+        if vq[-1] is g:  # the tail group: the end of the queue without this request
+            end = self._queue_end(r, view)[0]
+            ahead = Ahead(dict(end.by_class), end.num_in_groups, end.prompt_tokens, end.done_tokens, end.swap_s)
+            _add(ahead, q, -1)
+        else:
+            _, ahead, model = self._walk(r, vq, view, upto=g)
+            if g.model != model:
+                ahead.swap_s += self._load_s(view, r, g.model)
+            k = len(g.requests) - 1  # members ahead of it in its group
+            ahead.by_class[g.qos_class] = ahead.by_class.get(g.qos_class, 0) + k
+            ahead.num_in_groups += k
+            ahead.prompt_tokens += g.prompt_tokens - q.num_prompt_tokens
         est = self.estimator.estimate(ahead, self._rates_of(r))
         row = (q.request_id, now, g.replica, vq.index(g), est.mean_s)
         if self.estimator.name == "statistical":
@@ -370,6 +415,7 @@ class QLM:
 
     def _snapshot(self, view) -> None:
         self._rates.clear()
+        self._end.clear()
         self._held.clear()
         for r in view.replicas:
             if r.state == SERVING and self._target.get(r.replica_id) == r.model:
@@ -423,10 +469,15 @@ class QLM:
             order = sorted(vq, key=lambda g: (g.deadline_s, g.gid))
             if order != vq:
                 vq[:] = order
+                self._end.clear()
                 self._counts["num_reorders"] += 1
 
     def _milp(self, view, now: float) -> bool:
-        """Place the most urgent groups by the MILP; False (EDF instead) on no answer."""
+        """Place the most urgent groups by the MILP; False (EDF instead) on no answer or within
+        `milp_interval_s` of the last solve."""
+        if now - self._milp_last_s < self.milp_interval_s:
+            return False
+        self._milp_last_s = now
         reps = [r for r in view.replicas if r.state != STOPPED]
         groups = sorted((g for vq in self._vq for g in vq), key=lambda g: (g.deadline_s, g.gid))
         chosen = groups[:self.milp_max_groups]
@@ -481,6 +532,7 @@ class QLM:
             if new != old:
                 changed = True
             self._vq[rid] = new
+            self._end.pop(rid, None)
         if changed:
             self._counts["num_reorders"] += 1
         return True
@@ -522,11 +574,13 @@ class QLM:
             if not self._swap_needed(g, r, view, now):
                 # deferred: the loaded model's groups go first (the queue states the plan)
                 vq[:] = [x for x in vq if x.model == r.model] + [x for x in vq if x.model != r.model]
+                self._end.pop(rid, None)
                 continue
             load = self._load_s(view, r, g.model)
             if not math.isfinite(load):
                 continue
             self._target[rid] = g.model
+            self._end.pop(rid, None)
             self._counts["num_swaps"] += 1
             out.append(SwapModel(rid, g.model))
             # what the queue holds of the old model goes where that model is served
@@ -567,6 +621,7 @@ class QLM:
                 if best is not None:
                     self._move(g, best.replica_id)
                     self._target[best.replica_id] = g.model
+                    self._end.pop(best.replica_id, None)
                     self._counts["num_swaps"] += 1
                     out.append(SwapModel(best.replica_id, g.model))
         return out
@@ -621,9 +676,16 @@ class QLM:
                     continue
                 while g.requests and g.requests[0].ready_s <= view.now:
                     q = g.requests.popleft()
+                    self._end.pop(rid, None)
                     del self._where[q.request_id]
                     out.append(Assign(q.request_id, rid))
                 if not g.requests:
                     self._drop_group(g)
         return out
 
+
+def _add(ahead: Ahead, q, sign: int) -> None:
+    """Count request `q` into (sign 1) or out of (sign -1) a queue's `Ahead`."""
+    ahead.by_class[q.qos_class] = ahead.by_class.get(q.qos_class, 0) + sign
+    ahead.num_in_groups += sign
+    ahead.prompt_tokens += sign * q.num_prompt_tokens
