@@ -94,22 +94,25 @@ def _keep(cap: np.ndarray, w: np.ndarray, cut: float) -> tuple[np.ndarray, np.nd
 
 
 def _max_flow_once(eff: np.ndarray, keep: np.ndarray, w: np.ndarray, demand: np.ndarray) -> np.ndarray:
+    # integer nodes only (source 0, sink 1, type t at 2 + t, replica r at 2 + n_t + r): a str node's
+    # hash changes from process to process, and with it networkx's choice among optimal flows
     n_t, n_r = eff.shape
+    src, sink = 0, 1
     g = nx.DiGraph()
     for t in range(n_t):
         if demand[t] > EPS and np.isfinite(w[t]) and keep[t].any():
-            g.add_edge("s", ("t", t), capacity=float(demand[t] * w[t]))
+            g.add_edge(src, 2 + t, capacity=float(demand[t] * w[t]))
             for r in np.flatnonzero(keep[t]):
-                g.add_edge(("t", t), ("r", int(r)), capacity=float(eff[t, r]))
+                g.add_edge(2 + t, 2 + n_t + int(r), capacity=float(eff[t, r]))
     for r in range(n_r):
         if keep[:, r].any():
-            g.add_edge(("r", r), "z", capacity=float(eff[keep[:, r], r].min()))
+            g.add_edge(2 + n_t + r, sink, capacity=float(eff[keep[:, r], r].min()))
     flow = np.zeros((n_t, n_r))
-    if "s" in g and "z" in g:
-        _, fd = nx.maximum_flow(g, "s", "z")
+    if src in g and sink in g:
+        _, fd = nx.maximum_flow(g, src, sink)
         for t in range(n_t):
-            for node, f in fd.get(("t", t), {}).items():
-                flow[t, node[1]] = f / w[t]
+            for node, f in fd.get(2 + t, {}).items():
+                flow[t, node - 2 - n_t] = f / w[t]
     return flow
 
 
