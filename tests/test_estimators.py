@@ -67,6 +67,23 @@ def test_statistical_estimate_by_hand():
     assert est.estimate(Ahead({"i": 3}, 3, 10, 0, 1.5), rates).mean_s == 1.5
 
 
+def test_calibrated_statistical_estimate_scales_by_the_realised_ratios():
+    est = StatisticalRWT(prior_mean_tokens=100.0, min_samples=3, calibrate=True)
+    rates = Rates(lambda b: 10.0 * b, 1e9, cap=1)
+    ahead = Ahead({"i": 2}, 2, 0, 0, 0.0)  # 2 x 100 tokens at 10 tokens/s: modelled 20 s
+    assert est.estimate(ahead, rates).mean_s == pytest.approx(20.0)
+    est.observe_wait(2.0, 4.0)
+    est.observe_wait(2.0, 2.0)
+    est.observe_wait(0.1, 9.0)  # under MIN_CALIBRATED_S: ignored
+    assert est.estimate(ahead, rates).mean_s == pytest.approx(20.0)  # 2 < 3 ratios: the model alone
+    est.observe_wait(1.0, 3.0)  # ratios 2, 1, 3
+    e = est.estimate(ahead, rates)
+    assert e.raw_s == pytest.approx(20.0) and e.mean_s == pytest.approx(40.0)  # median ratio 2
+    assert e.quantile_s(0.9) == pytest.approx(20.0 * 2.8)
+    assert e.violation_probability(50.0) == pytest.approx(1 / 3)  # only ratio 3 > 2.5
+    assert StatisticalRWT(calibrate=False).calibrate is False
+
+
 def test_point_estimates_have_0_1_violation_probabilities():
     e = Estimate(5.0)
     assert e.quantile_s(0.9) == 5.0 and e.violation_probability(4.9) == 1.0 and e.violation_probability(5.0) == 0.0

@@ -219,12 +219,14 @@ def test_group_window_null_keeps_one_fifo_group_per_model_and_class():
     assert windowed.stats()["num_groups"] > released.stats()["num_groups"]
 
 
-@pytest.mark.parametrize("kw, field", [({"tick_s": 0}, "tick_s"), ({"scheduler": "lp"}, "scheduler"),
-                                       ({"estimator": "oracle"}, "estimator"), ({"pull_cap": 0}, "pull_cap"),
-                                       ({"evict_mode": "swap"}, "evict_mode"), ({"group_window_s": -1}, "group_window_s"),
-                                       ({"max_group_size": 0}, "max_group_size"),
-                                       ({"released_tokens_per_request": 0}, "released_tokens_per_request"),
-                                       ({"milp_time_limit_s": 0}, "milp_time_limit_s")])
+BAD = [({"tick_s": 0}, "tick_s"), ({"scheduler": "lp"}, "scheduler"), ({"estimator": "oracle"}, "estimator"),
+       ({"pull_cap": 0}, "pull_cap"), ({"evict_mode": "swap"}, "evict_mode"),
+       ({"group_window_s": -1}, "group_window_s"), ({"max_group_size": 0}, "max_group_size"),
+       ({"milp_interval_s": -1}, "milp_interval_s"), ({"milp_time_limit_s": 0}, "milp_time_limit_s"),
+       ({"released_tokens_per_request": 0}, "released_tokens_per_request")]
+
+
+@pytest.mark.parametrize("kw, field", BAD)
 def test_bad_settings_are_input_errors_naming_the_field(kw, field):
     with pytest.raises(InputError) as e:
         QLM(**kw)

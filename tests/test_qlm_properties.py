@@ -70,7 +70,7 @@ def scenarios(draw):
         pull_cap=draw(st.sampled_from([None, 1, 2, 8])),
         pulling=draw(st.booleans()), eviction=draw(st.booleans()), load_balancing=draw(st.booleans()),
         model_swapping=draw(st.booleans()), evict_mode=draw(st.sampled_from(["recompute", "transfer"])),
-        min_samples=draw(st.sampled_from([1, 20])),
+        min_samples=draw(st.sampled_from([1, 20])), calibrate_waits=draw(st.booleans()),
     )
     return {"wl": wl, "initial": initial, "catalog": catalog, "qlm": qlm,
             "horizon": draw(st.sampled_from([None, None, float(arrivals[-1]) + unit * 5])),

@@ -42,9 +42,8 @@ from collections import deque
 import numpy as np
 
 from policies.control.qlm_milp import MilpInstance, solve
-from policies.estimators.waiting import Ahead, Estimate, make_estimator, rates_from_cost_model
-from sim.control import (ARRIVAL, DRAINING, RECOMPUTE, SERVING, STARTING, STOPPED, TICK, EVICT_MODES, Assign, Evict,
-                         Reorder, SwapModel)
+from policies.estimators.waiting import Ahead, make_estimator, rates_from_cost_model
+from sim.control import ARRIVAL, EVICT_MODES, RECOMPUTE, SERVING, STARTING, STOPPED, TICK, Assign, Evict, SwapModel
 from sim.errors import InputError
 from sim.qos import QoS
 
@@ -86,7 +85,8 @@ class QLM:
                  milp_swap_penalty: float = 1.0, milp_interval_s: float = 10.0, pull_cap: int | None = 64,
                  pulling: bool = True,
                  eviction: bool = True, load_balancing: bool = True, model_swapping: bool = True,
-                 evict_mode: str = RECOMPUTE, seed: int = 0, min_samples: int = 20) -> None:
+                 evict_mode: str = RECOMPUTE, seed: int = 0, min_samples: int = 20,
+                 calibrate_waits: bool = False) -> None:
         if not (isinstance(tick_s, (int, float)) and tick_s > 0):
             raise InputError("must be > 0 seconds", field="tick_s", value=tick_s)
         if group_window_s is not None and not group_window_s >= 0:
@@ -108,7 +108,7 @@ class QLM:
         self.tick_s = float(tick_s)
         self.group_window_s = None if group_window_s is None else float(group_window_s)
         self.max_group_size = None if max_group_size is None else int(max_group_size)
-        self.estimator = make_estimator(estimator, released_tokens_per_request, min_samples)
+        self.estimator = make_estimator(estimator, released_tokens_per_request, min_samples, calibrate_waits)
         self.scheduler = scheduler
         self.milp_time_limit_s = float(milp_time_limit_s)
         self.milp_max_groups = int(milp_max_groups)
@@ -134,6 +134,8 @@ class QLM:
         self._prompt_mean = [0.0, 0]
         self._predictions: list[tuple] = []
         self._milp_sig: tuple | None = None
+        self._placed: dict[int, tuple[float, float]] = {}
+        """Requests placed for the first time and not yet dispatched: (time, modelled wait)."""
         self._end: dict[int, tuple[Ahead, str]] = {}
         """Per replica: what is ahead of a group appended to its queue, and the model there (a cache)."""
         self._milp_last_s = -_INF
@@ -233,8 +235,9 @@ class QLM:
         self._deadline[rid] = d
         key = (q.model, q.qos_class)
         g = self._open.get(key)
-        if g is None or not g.requests or (self.group_window_s is not None and now - g.created_s > self.group_window_s) \
-                or (self.max_group_size is not None and g.num_added >= self.max_group_size):
+        window, cap = self.group_window_s, self.max_group_size
+        if g is None or not g.requests or (window is not None and now - g.created_s > window) \
+                or (cap is not None and g.num_added >= cap):
             g = Group(self._next_gid, q.model, q.qos_class, now, self._choose_queue(q.model, view))
             self._next_gid += 1
             self._counts["num_groups"] += 1
@@ -284,12 +287,19 @@ class QLM:
                 del g.requests[i]
                 g.prompt_tokens -= q.num_prompt_tokens
                 del self._where[q.request_id]
+                self._dispatched(q.request_id, now)
                 if not g.requests:
                     self._drop_group(g)
                 elif g.replica in self._end:
                     _add(self._end[g.replica][0], q, -1)
                 return q.request_id
         return None
+
+    def _dispatched(self, rid: int, now: float) -> None:
+        """Tell a learning estimator the realised wait of a request's first placement."""
+        placed = self._placed.pop(rid, None)
+        if placed is not None:
+            self.estimator.observe_wait(placed[1], now - placed[0])
 
     def _drop_group(self, g: Group) -> None:
         self._vq[g.replica].remove(g)
@@ -408,6 +418,8 @@ class QLM:
             ahead.num_in_groups += k
             ahead.prompt_tokens += g.prompt_tokens - q.num_prompt_tokens
         est = self.estimator.estimate(ahead, self._rates_of(r))
+        if getattr(self.estimator, "calibrate", False):
+            self._placed[q.request_id] = (now, est.raw_s)
         row = (q.request_id, now, g.replica, vq.index(g), est.mean_s)
         if self.estimator.name == "statistical":
             row += (est.quantile_s(0.1), est.quantile_s(0.5), est.quantile_s(0.9))
@@ -653,7 +665,8 @@ class QLM:
             rel = self._rel_deadline(g.qos_class)
             # never a request evicted before (no eviction storms; our design)
             victims = [q for q in r.waiting + r.running if q.num_evictions == 0
-                       and self._rel_deadline(q.qos_class) > rel and self._deadline.get(q.request_id, _INF) > g.deadline_s]
+                       and self._rel_deadline(q.qos_class) > rel
+                       and self._deadline.get(q.request_id, _INF) > g.deadline_s]
             # the laxest first; among equals the latest arrival (the least work lost)
             victims.sort(key=lambda q: (-self._rel_deadline(q.qos_class), -q.arrival_s, -q.request_id))
             for q in victims[:len(g.requests)]:
@@ -677,6 +690,7 @@ class QLM:
                 while g.requests and g.requests[0].ready_s <= view.now:
                     q = g.requests.popleft()
                     self._end.pop(rid, None)
+                    self._dispatched(q.request_id, view.now)
                     del self._where[q.request_id]
                     out.append(Assign(q.request_id, rid))
                 if not g.requests:

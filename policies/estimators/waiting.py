@@ -26,12 +26,24 @@ replica computes per second. Both estimators return an `Estimate` (seconds).
   of the normal, floored at `swap_s` (a wait is never shorter than the swaps on the way);
   the violation probability of a request with `slack_s` seconds to its first-token deadline
   is `P(wait > slack_s) = 1 - Phi((slack_s - mean) / sd)`.
+  Calibration (our design): the controller reports, for every request it dispatches, the
+  realised wait (dispatch time - placement time) against the modelled mean `m` it predicted
+  at placement (`observe_wait`; only with `calibrate`, off by default). Once `min_samples`
+  ratios realised / m are known (the last 1,000; modelled waits under `MIN_CALIBRATED_S` are
+  left out), a wait is `m x R` with R drawn from them: point prediction `m x median(R)`
+  (`mean_s`), quantiles `m x quantile(R)`, violation probability `P(R > slack_s / m)`. The
+  ratios are censored (a long wait is only learned once it ends), so during a build-up of the
+  queue they lag. This absorbs what the model leaves out (prefill interference, KV
+  limits, swaps in progress, the cap's granularity).
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from sim.errors import InputError
 
@@ -76,13 +88,19 @@ class Rates:
 
 @dataclass(frozen=True)
 class Estimate:
-    """A predicted wait in seconds (mean; quantiles equal the mean for a point estimate)."""
+    """A predicted wait in seconds (mean; quantiles equal the mean for a point estimate). With
+    `ratios` (sorted realised/modelled waits), the wait is `raw_s` x a ratio drawn from them."""
 
     mean_s: float
     sd_s: float = 0.0
     floor_s: float = 0.0
+    raw_s: float | None = None
+    """The model's mean before calibration (what realised waits are compared with)."""
+    ratios: object = None
 
     def quantile_s(self, q: float) -> float:
+        if self.ratios is not None:
+            return float(self.raw_s * np.quantile(self.ratios, q))
         if self.sd_s == 0.0:
             return self.mean_s
         return max(self.floor_s, self.mean_s + _norm_ppf(q) * self.sd_s)
@@ -91,6 +109,9 @@ class Estimate:
         """P(wait > slack_s): 0/1 for a point estimate."""
         if slack_s == math.inf:
             return 0.0
+        if self.ratios is not None:
+            k = np.searchsorted(self.ratios, slack_s / self.raw_s, side="right")
+            return float(1.0 - k / len(self.ratios))
         if self.sd_s == 0.0:
             return 1.0 if self.mean_s > slack_s else 0.0
         if slack_s < self.floor_s:
@@ -194,11 +215,29 @@ class StatisticalRWT:
 
     name = "statistical"
 
-    def __init__(self, prior_mean_tokens: float = 100.0, min_samples: int = 20) -> None:
+    def __init__(self, prior_mean_tokens: float = 100.0, min_samples: int = 20, calibrate: bool = False,
+                 window: int = 1000) -> None:
         if not prior_mean_tokens > 0:
             raise InputError("must be > 0 tokens", field="released_tokens_per_request", value=prior_mean_tokens)
         self.lengths = OutputLengths(prior_mean_tokens, min_samples)
         self.counts_held = True
+        self.calibrate = calibrate
+        self.min_samples = int(min_samples)
+        self._ratios: deque = deque(maxlen=int(window))
+        """The latest realised / modelled waits."""
+        self._sorted = None
+
+    def observe_wait(self, raw_s: float, realised_s: float) -> None:
+        """A placed request started `realised_s` after placement; the model had said `raw_s`."""
+        if self.calibrate and raw_s >= MIN_CALIBRATED_S:
+            self._ratios.append(realised_s / raw_s)
+            self._sorted = None
+
+    def _calibration(self):
+        """The sorted ratios (None while fewer than `min_samples`)."""
+        if self._sorted is None and len(self._ratios) >= max(1, self.min_samples):
+            self._sorted = np.sort(np.fromiter(self._ratios, float, len(self._ratios)))
+        return self._sorted
 
     def observe(self, qos_class: str, num_output_tokens: int) -> None:
         self.lengths.add(qos_class, float(num_output_tokens))
@@ -209,7 +248,7 @@ class StatisticalRWT:
     def estimate(self, ahead: Ahead, rates: Rates) -> Estimate:
         n = ahead.num_requests
         if n == 0:
-            return Estimate(ahead.swap_s, 0.0, ahead.swap_s)
+            return Estimate(ahead.swap_s, 0.0, ahead.swap_s, ahead.swap_s)
         mean_tok = 0.0
         var_tok = 0.0
         for c, k in ahead.by_class.items():
@@ -221,13 +260,22 @@ class StatisticalRWT:
         t_dec = rates.decode_at(min(n, rates.cap))
         mean = share * (mean_tok / t_dec + ahead.prompt_tokens / rates.prefill_tok_s) + ahead.swap_s
         sd = share * math.sqrt(var_tok) / t_dec
-        return Estimate(mean, sd, ahead.swap_s)
+        if mean >= MIN_CALIBRATED_S and self._ratios:
+            ratios = self._calibration()
+            if ratios is not None:
+                return Estimate(mean * float(ratios[len(ratios) // 2]), 0.0, ahead.swap_s, mean, ratios)
+        return Estimate(mean, sd, ahead.swap_s, mean)
 
 
-def make_estimator(kind: str, tokens_per_request: int, min_samples: int = 20):
+MIN_CALIBRATED_S = 0.25
+"""Modelled waits shorter than this (a slot is about to free) are neither calibrated nor used
+to calibrate: their ratio to the realised wait is dominated by step granularity."""
+
+
+def make_estimator(kind: str, tokens_per_request: int, min_samples: int = 20, calibrate: bool = False):
     """`released` or `statistical` (InputError naming `estimator` otherwise)."""
     if kind == "released":
         return ReleasedRWT(tokens_per_request)
     if kind == "statistical":
-        return StatisticalRWT(float(tokens_per_request), min_samples)
+        return StatisticalRWT(float(tokens_per_request), min_samples, calibrate=bool(calibrate))
     raise InputError("must be 'released' or 'statistical'", field="estimator", value=kind)
