@@ -453,15 +453,17 @@ class QLM:
         self._counts["num_predicted_misses"] += sum(len(m) for m in misses.values())
         if any(misses.values()):
             self._reorder(view, now)
-            misses = self._misses(view, now)
         if self.load_balancing:
             self._balance(view, now)
         actions: list = []
         if self.model_swapping:
             actions += self._swaps(view, now)
-            actions += self._swap_for_late(view, now)
-        if self.eviction:
-            actions += self._evictions(view, now, self._misses(view, now))
+        if any(misses.values()) and (self.model_swapping or self.eviction):
+            late = self._misses(view, now)  # after the reorder, the moves and the swaps
+            if self.model_swapping:
+                actions += self._swap_for_late(view, now, late)
+            if self.eviction:
+                actions += self._evictions(view, now, late)
         return actions
 
     def _misses(self, view, now: float) -> dict[int, list[Group]]:
@@ -605,12 +607,11 @@ class QLM:
                                        .replica_id)
         return out
 
-    def _swap_for_late(self, view, now: float) -> list:
+    def _swap_for_late(self, view, now: float, misses: dict[int, list[Group]]) -> list:
         """A group predicted late where it is moves to the head of an idle replica of another
         model (nothing queued, not its model's last replica while that model has groups) that
         swaps to its model, when the swap predicts an earlier start (our design)."""
         out = []
-        misses = self._misses(view, now)
         for rid, late in misses.items():
             for g in sorted(late, key=lambda x: (x.deadline_s, x.gid))[:1]:
                 if g.replica != rid or not self._serves(view.replicas[rid], g.model):
