@@ -231,3 +231,38 @@ def test_bad_settings_are_input_errors_naming_the_field(kw, field):
     with pytest.raises(InputError) as e:
         QLM(**kw)
     assert e.value.field == field
+
+
+def _cfg(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    from sim.paths import project_path
+
+    with initialize_config_dir(config_dir=str(project_path("conf")), version_base="1.3"):
+        return compose("config", overrides=["cluster=multi_model", "costmodel=roofline", "controller=qlm",
+                                            "cluster.num_replicas=3", "sim.progress=false", *overrides])
+
+
+def test_the_config_builds_qlm_and_simulate_config_runs_a_given_controller():
+    from hydra.utils import instantiate
+
+    from experiments.wiring import simulate_config
+
+    cfg = _cfg("workload.num_requests=60", "+workload.model_shares={llama3-8b: 0.6, mistral-7b: 0.4}")
+    ctl = instantiate(cfg.controller)
+    assert isinstance(ctl, QLM) and ctl.pull_cap == 64 and ctl.scheduler == "edf" and ctl.tick_s == 1.0
+    assert set(ctl.qos.tiers) == {"interactive", "batch", "default"}  # conf/slo/interactive_batch.yaml
+    res = simulate_config(cfg, instantiate(cfg.workload).requests, controller=ctl)
+    assert (res.requests["outcome"] == "finished").all()
+    assert len(ctl.wait_predictions) == 60 and ctl.stats()["num_ticks"] > 0  # this very object ran
+
+
+def test_a_bad_controller_setting_in_the_config_is_an_input_error_naming_the_key():
+    from hydra.utils import instantiate
+
+    from experiments.wiring import simulate_config
+
+    cfg = _cfg("controller.scheduler=lp", "workload.num_requests=5")
+    with pytest.raises(InputError) as e:
+        simulate_config(cfg, instantiate(cfg.workload).requests)
+    assert e.value.field == "controller.scheduler" and e.value.value == "lp"
