@@ -1,6 +1,6 @@
 """Speed benchmark: simulated requests per wall-clock second on fixed scenarios.
 
-    python -m experiments.bench [--policy fcfs|niyama|all] [--requests N] [--load 0.8]
+    python -m experiments.bench [--policy fcfs|niyama|multimodel|qlm|all] [--requests N] [--load 0.8]
                                 [--no-fast-forward] [--profile out.prof]
     python -m experiments.bench --instructions [--update-baseline]   # `make bench-instructions`
 
@@ -14,6 +14,12 @@ throughput, which is measured first with the same simulator (one FCFS replica, a
 requests all queued at t=0), so both policies see the same arrivals. The timed region is
 `simulate` plus a collection of the young generations (what the run leaves for the cyclic
 garbage collector, which `simulate` pauses). Prints one JSON line per scenario.
+
+`--policy qlm` runs the multi-model scenario (8 replicas, 3 models, 50/30/20, roofline
+costs) under QLM (conf/controller/qlm.yaml with its MILP scheduler, interactive and batch
+requests in equal shares; target: 100,000 requests in under 60 s) and prints a second line
+with QLM's counters and the MILP's share of the wall time (HiGHS is bounded by
+`milp_time_limit_s` per solve, so that share depends on the machine's load).
 
 `--instructions` counts the CPU instructions of a fixed 20,000-request FCFS run (the
 whole process, startup included) under valgrind's callgrind, which is repeatable to ~0.5%
