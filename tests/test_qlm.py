@@ -266,3 +266,11 @@ def test_a_bad_controller_setting_in_the_config_is_an_input_error_naming_the_key
     with pytest.raises(InputError) as e:
         simulate_config(cfg, instantiate(cfg.workload).requests)
     assert e.value.field == "controller.scheduler" and e.value.value == "lp"
+
+
+def test_the_bench_line_runs_and_reports_qlm_counters(capsys):
+    from experiments.bench import main
+
+    out = main(["--policy", "qlm", "--requests", "300", "--saturation-requests", "200"])
+    assert out["finished"] == 300 and out["qlm"]["num_groups"] > 0
+    assert 0 <= out["milp_share_of_wall"] <= out["qlm_control_share_of_wall"] <= 1
