@@ -19,11 +19,15 @@ released code places every group) (our design). Every `tick_s` the controller:
    model with the least predicted wait; then, per model, the tail group of the longest queue
    moves to the shortest when that shortens its own predicted wait (one move per model a tick);
 4. model swapping: a serving replica whose head group needs another model swaps to it exactly
-   when the estimator predicts that group misses otherwise (served by the best replica already
-   holding its model, or never if none does); it drains first (no eviction);
+   when the estimator predicts that group misses otherwise (served after the queue's groups
+   of the loaded model, by the best replica already holding its model, or never if none
+   does); it drains first (no eviction). A group predicted late on its model's replica moves
+   to an idle replica of another model that swaps to it, when that predicts an earlier start;
 5. eviction: when a replica at its cap has a group predicted to miss, requests of laxer
    classes (a later relative first-token deadline: batch before interactive) leave it
-   (`evict_mode`), at most as many as the group has requests; they rejoin groups.
+   (`evict_mode`), at most as many as the group has requests, each at most once; they
+   rejoin groups.
+The late-group swap and the evictions are considered only at ticks where step 2 predicted a miss.
 A replica with room pulls (`pull`) the next request of the first group of its model in its
 queue while running + waiting < `pull_cap` (the released cap is 10); arrivals join groups at
 the next tick, or at once when a replica with room has nothing of its model queued; with load balancing on,
