@@ -220,6 +220,12 @@ class ClusterView:
     def num_queued(self) -> int:
         return len(self._cluster.queue)
 
+    def queue_tail(self, n: int) -> tuple[RequestView, ...]:
+        """The last `n` requests of the cluster queue, oldest first (the queue is ordered by
+        arrival, so new arrivals are its tail): O(n), where `queue` is O(queue length)."""
+        q = self._cluster.queue
+        return tuple(RequestView(r) for r in q[max(0, len(q) - n):]) if n > 0 else ()
+
     def recent_completions(self) -> tuple[RequestView, ...]:
         """Requests finished since the controller was last woken (to learn output lengths)."""
         return tuple(RequestView(r) for r in self._cluster.completed_since_last_wake)

@@ -13,7 +13,7 @@ reconfigurations empty a replica, then pay the new configuration's load time
 
 from __future__ import annotations
 
-from bisect import insort
+from bisect import bisect_left, insort
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
@@ -191,6 +191,13 @@ class Cluster:
                 return
 
     def _take_from_queue(self, rid: int) -> Request:
+        req = self._lookup(rid)
+        if req is not None and req.replica == -1:  # the queue is sorted by _queue_key: bisect for it
+            i = bisect_left(self.queue, _queue_key(req), key=_queue_key)
+            if i < len(self.queue) and self.queue[i] is req:
+                if req.ready_s > self.env.now:
+                    raise ActionError(f"request {rid} is not ready before t={req.ready_s:.6f}s (KV transfer in flight)")
+                return self.queue.pop(i)
         for i, r in enumerate(self.queue):
             if r.request_id == rid:
                 if r.ready_s > self.env.now:
@@ -297,10 +304,13 @@ class Cluster:
             raise ActionError(f"no replica {rid} (the cluster has {len(self.replicas)})")
         return self.replicas[rid]
 
-    def _request(self, rid: int) -> Request:
+    def _lookup(self, rid: int) -> Request | None:
         if self._by_id is None:
             self._by_id = {r.request_id: r for r in self._requests}
-        req = self._by_id.get(rid)
+        return self._by_id.get(rid)
+
+    def _request(self, rid: int) -> Request:
+        req = self._lookup(rid)
         if req is None or req.outcome is not None or req.arrival_s > self.env.now:
             raise ActionError(f"no request {rid} in the system at t={self.env.now:.6f}s")
         return req
