@@ -85,7 +85,8 @@ class QLM:
 
     def __init__(self, slo=None, tick_s: float = 1.0, group_window_s: float | None = 1.0,
                  max_group_size: int | None = 64, estimator: str = "released", released_tokens_per_request: int = 100,
-                 scheduler: str = "edf", milp_time_limit_s: float = 0.05, milp_max_groups: int = 8,
+                 scheduler: str = "edf", milp_time_limit_s: float | None = 2.0, milp_node_limit: int | None = 200,
+                 milp_max_groups: int = 8,
                  milp_swap_penalty: float = 1.0, milp_interval_s: float = 10.0, pull_cap: int | None = 64,
                  pulling: bool = True,
                  eviction: bool = True, load_balancing: bool = True, model_swapping: bool = True,
@@ -100,8 +101,11 @@ class QLM:
             raise InputError("must be an integer >= 1 or null", field="max_group_size", value=max_group_size)
         if scheduler not in ("edf", "milp"):
             raise InputError("must be 'edf' or 'milp'", field="scheduler", value=scheduler)
-        if not milp_time_limit_s > 0:
-            raise InputError("must be > 0 seconds", field="milp_time_limit_s", value=milp_time_limit_s)
+        if milp_time_limit_s is not None and not milp_time_limit_s > 0:
+            raise InputError("must be > 0 seconds or null", field="milp_time_limit_s", value=milp_time_limit_s)
+        if milp_node_limit is not None and (isinstance(milp_node_limit, bool) or int(milp_node_limit) != milp_node_limit
+                                            or milp_node_limit < 1):
+            raise InputError("must be an integer >= 1 or null", field="milp_node_limit", value=milp_node_limit)
         if int(milp_max_groups) != milp_max_groups or milp_max_groups < 1:
             raise InputError("must be an integer >= 1", field="milp_max_groups", value=milp_max_groups)
         if pull_cap is not None and (isinstance(pull_cap, bool) or int(pull_cap) != pull_cap or pull_cap < 1):
@@ -114,7 +118,8 @@ class QLM:
         self.max_group_size = None if max_group_size is None else int(max_group_size)
         self.estimator = make_estimator(estimator, released_tokens_per_request, min_samples, calibrate_waits)
         self.scheduler = scheduler
-        self.milp_time_limit_s = float(milp_time_limit_s)
+        self.milp_time_limit_s = None if milp_time_limit_s is None else float(milp_time_limit_s)
+        self.milp_node_limit = None if milp_node_limit is None else int(milp_node_limit)
         self.milp_max_groups = int(milp_max_groups)
         self.milp_swap_penalty = float(milp_swap_penalty)
         if not milp_interval_s >= 0:
@@ -144,7 +149,8 @@ class QLM:
         """Per replica: what is ahead of a group appended to its queue, and the model there (a cache)."""
         self._milp_last_s = -_INF
         self._counts = {"num_evictions": 0, "num_swaps": 0, "num_rebalances": 0, "num_steals": 0, "num_reorders": 0,
-                        "milp_calls": 0, "milp_time_s": 0.0, "milp_fallbacks": 0, "num_predicted_misses": 0,
+                        "milp_calls": 0, "milp_time_s": 0.0, "milp_fallbacks": 0, "milp_wall_limit_hits": 0,
+                        "num_predicted_misses": 0,
                         "num_groups": 0, "num_ticks": 0, "control_time_s": 0.0}
 
     # ------------------------------------------------------------------ reports
@@ -530,8 +536,11 @@ class QLM:
                             swap_penalty=self.milp_swap_penalty)
         self._counts["milp_calls"] += 1
         t0 = time.perf_counter()
-        plan = solve(inst, self.milp_time_limit_s)
-        self._counts["milp_time_s"] += time.perf_counter() - t0
+        plan = solve(inst, self.milp_time_limit_s, self.milp_node_limit)
+        elapsed = time.perf_counter() - t0
+        self._counts["milp_time_s"] += elapsed
+        if self.milp_time_limit_s is not None and elapsed >= self.milp_time_limit_s:
+            self._counts["milp_wall_limit_hits"] += 1  # this solve's result depended on the machine's speed
         if plan is None:
             self._counts["milp_fallbacks"] += 1
             return False

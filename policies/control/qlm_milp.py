@@ -76,9 +76,12 @@ class MilpPlan:
     solve_s: float
 
 
-def solve(inst: MilpInstance, time_limit_s: float) -> MilpPlan | None:
+def solve(inst: MilpInstance, time_limit_s: float | None, node_limit: int | None = None) -> MilpPlan | None:
     """The placement minimising violations + swaps (module docstring), or None when HiGHS finds
-    no feasible point within `time_limit_s` (the wall time is then `None`'s caller's to count)."""
+    no feasible point within its limits. `node_limit` (branch-and-bound nodes) bounds the work
+    deterministically: the same instance gives the same plan on any machine and under any load;
+    `time_limit_s` (wall clock, None = none) is a backstop only, and a solve it stops depends on
+    the machine's speed (the returned plan's `status` is then 1, as for the node limit)."""
     G, R, S = len(inst.size), len(inst.base_s), inst.num_slots
     if G == 0:
         return MilpPlan([[] for _ in range(R)], 0, 0, 0, 0.0)
@@ -179,7 +182,9 @@ def solve(inst: MilpInstance, time_limit_s: float) -> MilpPlan | None:
     a = coo_matrix((vals, (rows, cols)), shape=(k[0], nvar)).tocsr()
     t0 = time.perf_counter()
     res = milp(c, constraints=LinearConstraint(a, lo, hi), integrality=integrality, bounds=Bounds(lb, ub),
-               options={"time_limit": float(time_limit_s), "presolve": True})
+               options={"presolve": True,
+                        **({} if time_limit_s is None else {"time_limit": float(time_limit_s)}),
+                        **({} if node_limit is None else {"node_limit": int(node_limit)})})
     solve_s = time.perf_counter() - t0
     if res.x is None:
         return None
