@@ -274,3 +274,17 @@ def test_the_bench_line_runs_and_reports_qlm_counters(capsys):
     out = main(["--policy", "qlm", "--requests", "300", "--saturation-requests", "200"])
     assert out["finished"] == 300 and out["qlm"]["num_groups"] > 0
     assert 0 <= out["milp_share_of_wall"] <= out["qlm_control_share_of_wall"] <= 1
+
+
+@pytest.mark.parametrize("load_balancing", [True, False])
+@pytest.mark.parametrize("scheduler", ["edf", "milp"])
+def test_requests_naming_no_model_are_served_by_any_replica(load_balancing, scheduler):
+    """A request naming no model ('' = any) is served by whatever model a replica holds: it is
+    never stranded in a virtual queue and never causes a swap to model ''."""
+    catalog = {m: spec(m, load_s=3.0) for m in "AB"}
+    reps = [catalog["A"], catalog["B"]]
+    rows = [(0.05 * k, 20, 5, ("", "A", "")[k % 3], ("i", "b")[k % 2]) for k in range(60)]
+    res, ctl = run(rows, reps, catalog, slo=slo(i=1.0, b=5.0), tick_s=0.5, pull_cap=2,
+                   load_balancing=load_balancing, scheduler=scheduler, milp_interval_s=0.0)
+    assert (res.requests["outcome"] == "finished").all(), res.requests["outcome"].value_counts().to_dict()
+    assert all(a.model for _, a in ctl.log if isinstance(a, SwapModel))

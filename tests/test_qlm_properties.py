@@ -49,7 +49,9 @@ def scenarios(draw):
     # a narrow arrival range is an overload; integer multiples of `unit` tie with step ends and ticks
     arrivals = np.sort(rng.integers(0, draw(st.integers(1, 3 * n)), n)) * unit
     wl = pd.DataFrame({"arrival_s": arrivals, "num_prompt_tokens": prompts, "num_output_tokens": outputs,
-                       "model": rng.choice(models, n), "qos_class": rng.choice(["interactive", "batch", "other"], n)})
+                       # '' = any model: served by whatever model a replica holds
+                       "model": rng.choice(models + (("",) if draw(st.booleans()) else ()), n),
+                       "qos_class": rng.choice(["interactive", "batch", "other"], n)})
     bs = draw(st.sampled_from([1, 16]))
     need = max(-(-(int(p) + int(o) - 1) // bs) for p, o in zip(prompts, outputs))
     kv_blocks = draw(st.sampled_from([need, need + 3, 100 * need]))
@@ -118,6 +120,8 @@ def test_qlm_keeps_every_invariant_under_any_switches(sc):
         assert unfinished == res.info["num_stranded"]
         if sc["qlm"]["model_swapping"]:
             assert unfinished == 0, "a request was stranded although QLM may swap models"
+        no_model = req[req["model"] == ""]
+        assert no_model["outcome"].isin(["finished", "rejected"]).all(), "a request naming no model was stranded"
     fin = req[req["outcome"] == "finished"]
     assert (fin["num_output_tokens_done"] == fin["num_output_tokens"]).all()
     for _, row in fin.iterrows():

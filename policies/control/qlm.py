@@ -243,18 +243,25 @@ class QLM:
         first = rid not in self._deadline
         d = q.arrival_s + self._rel_deadline(q.qos_class)
         self._deadline[rid] = d
-        key = (q.model, q.qos_class)
+        model, home = q.model, None
+        if not model:
+            # a request naming no model ('' = any) joins the groups of the model its chosen
+            # replica holds (or is loading), so it never waits for, or causes, a swap (our design)
+            home = self._choose_queue("", view)
+            model = self._target.get(home, view.replicas[home].model)
+        key = (model, q.qos_class)
         g = self._open.get(key)
         window, cap = self.group_window_s, self.max_group_size
         if g is None or not g.requests or (window is not None and now - g.created_s > window) \
                 or (cap is not None and g.num_added >= cap):
-            g = Group(self._next_gid, q.model, q.qos_class, now, self._choose_queue(q.model, view))
+            g = Group(self._next_gid, model, q.qos_class, now,
+                      home if home is not None and not model else self._choose_queue(model, view))
             self._next_gid += 1
             self._counts["num_groups"] += 1
             self._open[key] = g
             self._vq[g.replica].append(g)
             self._end.pop(g.replica, None)
-            self._by_model.setdefault(q.model, []).append(g)
+            self._by_model.setdefault(model, []).append(g)
         g.requests.append(q)
         end = self._end.get(g.replica)
         if end is not None:  # the tail group grew (else the cached end of the queue is stale)
