@@ -47,7 +47,7 @@ bench-instructions: $(BASE)
 reproduce: $(BASE)
 	$(PY) -m experiments.reproduce
 
-# QLM's claims in simulation (five experiments; about 5 min on 2 cores); docs/reproduction_qlm.md
+# QLM's claims in simulation (five experiments; 3.5-5 min on 2 cores); docs/reproduction_qlm.md
 reproduce-qlm: $(BASE)
 	$(PY) -m experiments.reproduce_qlm
 
