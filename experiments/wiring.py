@@ -195,7 +195,8 @@ def replica_specs(cfg: DictConfig) -> list[ReplicaSpec]:
     overrides the cluster's keys; see the module docstring). Replicas are named
     `<pool name><index>` (`replica<index>` without pools), which `policies.siloed` relies on.
     With `cluster.models` (a multi-model cluster), a pool that names no model starts its
-    replicas on those models in turn, and every replica serves (routes by) the model it loads.
+    replicas on those models in turn. Every replica serves (routes by) the model it holds;
+    requests naming no model go to any replica.
 
     Raises InputError naming the config key for a bad count, an unknown model / hardware /
     cost-model option, a TP degree the model cannot be sharded by, or a cost model that was
@@ -212,7 +213,9 @@ def replica_specs(cfg: DictConfig) -> list[ReplicaSpec]:
             templates = [_template(cfg, pool, w, pooled)]
         for k in range(count):
             t = templates[k % len(templates)]
-            routes = t.model or (t.model_spec_name if models else "")
+            # a replica serves (routes by) the model it holds: a request naming another model is an
+            # error, or rejected / served anywhere as cluster.control.unknown_model says
+            routes = t.model or t.model_spec_name or ""
             specs.append(replace(t, name=f"{pool.get('name') or 'replica'}{len(specs)}", model=routes))
     return specs
 

@@ -200,7 +200,7 @@ def simulate(
         cluster.on_outcome = on_outcome
         cluster.done = lambda: all_done.triggered
         deliver = cluster.deliver
-    _check_models(requests, specs, catalog or {}, settings)
+    num_model_cleared = _check_models(requests, specs, catalog or {}, settings)
     arrivals = _Arrivals(env, requests, deliver, _progress_bar(progress, requests, horizon_s))
     if cluster is not None:
         cluster._requests = requests
@@ -254,6 +254,8 @@ def simulate(
             rep_df[col.replace("config_name", "config")] = [getattr(r, col) for r in reps]
     info = {"num_requests": n_total, "num_stranded": num_stranded, "end_s": end_s, "horizon_s": horizon_s,
             "fast_forward": fast_forward, "num_steps": int(sum(r.steps.num_steps for r in reps))}
+    if num_model_cleared:
+        info["num_model_cleared"] = num_model_cleared
     if cluster is not None:
         info.update(cluster.counts)
     return SimResult(req_df, steps_df, rep_df, end_s, info)
@@ -300,23 +302,31 @@ class _Arrivals:
 
 
 def _check_models(requests: list[Request], specs: Sequence[ReplicaSpec], catalog: Mapping[str, ReplicaSpec],
-                  settings: ControlSettings) -> None:
+                  settings: ControlSettings) -> int:
     """A request naming a model that no replica (nor catalog configuration) may ever serve: an
-    InputError at start-up, or with `unknown_model='reject'` marked for rejection at arrival."""
+    InputError at start-up, with `unknown_model='reject'` marked for rejection at arrival, or with
+    `unknown_model='any'` its model cleared (any replica serves it). Returns how many were cleared."""
     models = {s.model for s in specs} | {s.model for s in catalog.values()}
     if "" in models:
-        return  # a replica serving any model
+        return 0  # a replica serving any model
     unknown = sorted({r.model for r in requests if r.model and r.model not in models})
     if not unknown:
-        return
+        return 0
     if settings.unknown_model == "error":
         raise InputError(f"requests name model {unknown[0]!r}, which no replica or catalog configuration serves "
-                         f"(models: {sorted(models)}); add one, or set unknown_model=reject",
+                         f"(models: {sorted(models)}); add one, or set cluster.control={{unknown_model: reject}} "
+                         f"(reject them) or cluster.control={{unknown_model: any}} (serve them on any replica)",
                          field="model", value=unknown[0])
     bad = set(unknown)
+    cleared = 0
     for r in requests:
         if r.model in bad:
-            r.reject_reason = "no_replica_for_model"
+            if settings.unknown_model == "any":
+                r.model = ""
+                cleared += 1
+            else:
+                r.reject_reason = "no_replica_for_model"
+    return cleared
 
 
 def _make_requests(workload: pd.DataFrame) -> list[Request]:

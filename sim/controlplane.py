@@ -45,7 +45,9 @@ class ControlSettings:
     """KV bytes per token; None asks the replica's cost model (its ModelSpec at its tp)."""
     unknown_model: str = "error"
     """A request naming a model no replica or catalog configuration serves: 'error' (InputError
-    at start-up) or 'reject' (outcome rejected, reason no_replica_for_model)."""
+    at start-up), 'reject' (outcome rejected, reason no_replica_for_model) or 'any' (its model is
+    cleared and any replica serves it, e.g. a BurstGPT trace's API model names; counted in
+    `info['num_model_cleared']`)."""
     pull_cap: int | None = None
     """A replica has room to pull while running + waiting < this (None: its max_num_seqs)."""
 
@@ -54,8 +56,8 @@ class ControlSettings:
             raise InputError("must be > 0", field="kv_transfer_bw_bytes_s", value=self.kv_transfer_bw_bytes_s)
         if self.kv_bytes_per_token is not None and self.kv_bytes_per_token < 1:
             raise InputError("must be >= 1 or null", field="kv_bytes_per_token", value=self.kv_bytes_per_token)
-        if self.unknown_model not in ("error", "reject"):
-            raise InputError("must be 'error' or 'reject'", field="unknown_model", value=self.unknown_model)
+        if self.unknown_model not in ("error", "reject", "any"):
+            raise InputError("must be 'error', 'reject' or 'any'", field="unknown_model", value=self.unknown_model)
         if self.pull_cap is not None and self.pull_cap < 1:
             raise InputError("must be >= 1 or null", field="pull_cap", value=self.pull_cap)
 

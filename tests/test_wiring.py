@@ -161,3 +161,29 @@ def test_the_multi_model_experiment_runs_with_its_controller_and_counts_its_swap
     assert "num_model_swaps" in res.info and set(res.replicas["state"]) <= {"serving", "starting", "draining"}
     # demand is 50/30/20 but replicas start 3/3/2: the controller moves some towards llama3-8b
     assert res.info["num_model_swaps"] >= 1
+
+
+def test_requests_go_to_replicas_of_the_model_they_name_and_an_unserved_model_is_an_error():
+    """Found by a new user: a request naming a model was served by whatever model the cluster held
+    unless `cluster.models` was set. Every replica now routes by the model it holds."""
+    import pandas as pd
+
+    def wl(*models):
+        return pd.DataFrame({"arrival_s": [0.1 * k for k in range(len(models))], "num_prompt_tokens": 50,
+                             "num_output_tokens": 5, "model": list(models), "qos_class": "interactive"})
+
+    het = cfg_with("cluster=heterogeneous", "costmodel=roofline", "+cluster.pools.1.model=mistral-7b")
+    specs = replica_specs(het)
+    res = simulate_config(het, wl("mistral-7b", "llama3-8b", "", "mistral-7b"))
+    held = dict(enumerate(s.model for s in specs))
+    placed = dict(zip(res.requests["model"], res.requests["replica"]))
+    assert held[placed["mistral-7b"]] == "mistral-7b" and held[placed["llama3-8b"]] == "llama3-8b"
+    assert (res.requests["outcome"] == "finished").all()
+    single = cfg_with()
+    with pytest.raises(InputError, match="gpt-9.*unknown_model"):
+        simulate_config(single, wl("llama3-8b", "gpt-9"))
+    rejected = simulate_config(cfg_with("cluster.control={unknown_model: reject}"), wl("llama3-8b", "gpt-9"))
+    assert rejected.requests["outcome"].tolist() == ["finished", "rejected"]
+    anywhere = simulate_config(cfg_with("cluster.control={unknown_model: any}"), wl("llama3-8b", "gpt-9"))
+    assert anywhere.requests["outcome"].tolist() == ["finished", "finished"]
+    assert anywhere.info["num_model_cleared"] == 1
