@@ -3,7 +3,7 @@
     python -m experiments.reproduce                       # all parts (about 20 min on one core)
     python -m experiments.reproduce parts=[surge]         # one part
     python -m experiments.reproduce smoke=true            # tiny version (seconds; what the tests run)
-    python -m experiments.reproduce 'overrides=[capacity.jobs=2]'   # extra overrides for every part
+    python -m experiments.reproduce 'overrides=["capacity.jobs=2"]'   # extra overrides for every part
 
 Parts (each an experiment file in conf/experiment/, also runnable on its own):
 - capacity_code, capacity_conv: `repro_capacity_{code,conv}`, capacity of one replica per policy;

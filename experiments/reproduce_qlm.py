@@ -3,7 +3,7 @@
     python -m experiments.reproduce_qlm                        # all parts (docs/reproduction_qlm.md)
     python -m experiments.reproduce_qlm parts=[hol]            # one part
     python -m experiments.reproduce_qlm smoke=true             # tiny version (what the tests run)
-    python -m experiments.reproduce_qlm 'overrides=[seed=1]'   # extra overrides for every part
+    python -m experiments.reproduce_qlm 'overrides=["seed=1"]'   # extra overrides for every part
 
 Parts (each an experiment file `conf/experiment/qlm_<part>.yaml`, whose `variants` are the
 policies compared):
