@@ -288,3 +288,35 @@ def test_requests_naming_no_model_are_served_by_any_replica(load_balancing, sche
                    load_balancing=load_balancing, scheduler=scheduler, milp_interval_s=0.0)
     assert (res.requests["outcome"] == "finished").all(), res.requests["outcome"].value_counts().to_dict()
     assert all(a.model for _, a in ctl.log if isinstance(a, SwapModel))
+
+
+def test_one_replica_swapping_between_three_models_serves_everything_instead_of_thrashing():
+    """Found by the property test: with one replica, swapping on and load balancing off, a swap
+    drained the replica and sent the request it had just pulled back to the cluster queue, whose
+    group then swapped it back (B, C, B, C... every 7-8 s, forever, serving nothing). QLM now
+    swaps only a replica with nothing waiting, so every swap cycle completes a request."""
+    from policies.edf import EDF
+    from sim.controlplane import ControlSettings
+    from sim.scheduling import EngineLimits as Limits
+
+    tiers = {"classes": {"interactive": {"ttft_s": 2.0, "tbt_s": 0.05, "violation": ["ttft"]},
+                         "batch": {"e2e_s": 60.0, "tbt_s": 0.4, "violation": ["e2e"]}}}
+    rows = [(1, 1, 2, "B", "interactive"), (2, 6, 2, "A", "other"), (2, 2, 1, "C", "other"),
+            (2, 3, 2, "A", "interactive"), (5, 8, 1, "B", "interactive"), (7, 5, 1, "B", "batch"),
+            (10, 3, 2, "B", "other"), (13, 1, 2, "B", "batch"), (15, 5, 1, "B", "other"), (21, 8, 1, "A", "other"),
+            (21, 1, 1, "B", "batch"), (26, 3, 1, "A", "batch"), (26, 5, 2, "B", "batch"), (32, 3, 2, "C", "other"),
+            (35, 8, 2, "A", "other"), (35, 3, 2, "C", "batch"), (42, 7, 2, "A", "other"), (45, 5, 1, "A", "batch"),
+            (47, 4, 1, "A", "interactive"), (51, 3, 1, "C", "other"), (54, 7, 1, "B", "interactive")]
+    limits = Limits(max_num_seqs=2, max_num_batched_tokens=16, max_model_len=8192, enable_chunked_prefill=True)
+
+    def one(model, load_s):
+        return ReplicaSpec(ConstantCostModel(1.0, load_s=load_s), lambda: EDF(tiers, token_budget=128), limits,
+                           num_kv_blocks=9, block_size=1, model=model)
+
+    catalog = {"A": one("A", 0.0), "B": one("B", 8.0), "C": one("C", 7.0)}
+    ctl = QLM(slo=tiers, tick_s=0.5, group_window_s=None, max_group_size=None, released_tokens_per_request=1,
+              pull_cap=1, eviction=False, load_balancing=False, calibrate_waits=True, min_samples=20)
+    res = simulate(wl(rows), [catalog["A"]], LeastOutstandingRequests(), controller=ctl, catalog=catalog,
+                   control=ControlSettings(kv_bytes_per_token=100), horizon_s=600.0, check_plans=True)
+    assert (res.requests["outcome"] == "finished").all()
+    assert ctl.stats()["num_swaps"] <= 2 * len(rows)  # each swap cycle served something

@@ -13,6 +13,8 @@ its deterministic node limit, whose wall-clock backstop is set out of reach here
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pandas as pd
 from hypothesis import HealthCheck, given, settings
@@ -102,10 +104,22 @@ class Checked(QLM):
 
 
 def _run(sc):
-    ctl = Checked(**sc["qlm"])
-    res = simulate(sc["wl"], sc["initial"], LeastOutstandingRequests(), controller=ctl, catalog=sc["catalog"],
-                   control=ControlSettings(kv_bytes_per_token=100, kv_transfer_bw_bytes_s=1e4),
-                   horizon_s=sc["horizon"], check_plans=True, fast_forward=sc["fast_forward"])
+    # a run must end: a livelock (the controller acting forever while nothing is served, as swapping
+    # one replica back and forth once did) fails the example instead of hanging make test. Examples
+    # take well under a second; the limit is wall time only because a livelock has no simulated end.
+    def _never_ends(*_):
+        raise TimeoutError("the simulation ran > 60 s of wall time: a livelock?")
+
+    previous = signal.signal(signal.SIGALRM, _never_ends)
+    signal.alarm(60)
+    try:
+        ctl = Checked(**sc["qlm"])
+        res = simulate(sc["wl"], sc["initial"], LeastOutstandingRequests(), controller=ctl, catalog=sc["catalog"],
+                       control=ControlSettings(kv_bytes_per_token=100, kv_transfer_bw_bytes_s=1e4),
+                       horizon_s=sc["horizon"], check_plans=True, fast_forward=sc["fast_forward"])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     return res, ctl
 
 

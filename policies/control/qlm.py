@@ -77,6 +77,16 @@ class Group:
         return f"Group({self.gid}, {self.model!r}/{self.qos_class}, n={len(self.requests)}, r={self.replica})"
 
 
+
+def _is_num(value) -> bool:
+    """A finite or infinite real number; not a bool, not a string."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    """A whole number (an int, or a float with no fraction); not a bool, not a string."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+
 class QLM:
     """Invariant: a request is in exactly one group of exactly one virtual queue iff it waits in
     the cluster queue and the controller has seen it (`_where`); groups are never empty."""
@@ -92,23 +102,23 @@ class QLM:
                  eviction: bool = True, load_balancing: bool = True, model_swapping: bool = True,
                  evict_mode: str = RECOMPUTE, seed: int = 0, min_samples: int = 20,
                  calibrate_waits: bool = False) -> None:
-        if not (isinstance(tick_s, (int, float)) and tick_s > 0):
+        if not (_is_num(tick_s) and tick_s > 0):
             raise InputError("must be > 0 seconds", field="tick_s", value=tick_s)
-        if group_window_s is not None and not group_window_s >= 0:
+        if group_window_s is not None and not (_is_num(group_window_s) and group_window_s >= 0):
             raise InputError("must be >= 0 seconds or null", field="group_window_s", value=group_window_s)
-        if max_group_size is not None and (isinstance(max_group_size, bool) or int(max_group_size) != max_group_size
+        if max_group_size is not None and (not _is_int(max_group_size)
                                            or max_group_size < 1):
             raise InputError("must be an integer >= 1 or null", field="max_group_size", value=max_group_size)
         if scheduler not in ("edf", "milp"):
             raise InputError("must be 'edf' or 'milp'", field="scheduler", value=scheduler)
-        if milp_time_limit_s is not None and not milp_time_limit_s > 0:
+        if milp_time_limit_s is not None and not (_is_num(milp_time_limit_s) and milp_time_limit_s > 0):
             raise InputError("must be > 0 seconds or null", field="milp_time_limit_s", value=milp_time_limit_s)
-        if milp_node_limit is not None and (isinstance(milp_node_limit, bool) or int(milp_node_limit) != milp_node_limit
+        if milp_node_limit is not None and (not _is_int(milp_node_limit)
                                             or milp_node_limit < 1):
             raise InputError("must be an integer >= 1 or null", field="milp_node_limit", value=milp_node_limit)
-        if int(milp_max_groups) != milp_max_groups or milp_max_groups < 1:
+        if not _is_int(milp_max_groups) or milp_max_groups < 1:
             raise InputError("must be an integer >= 1", field="milp_max_groups", value=milp_max_groups)
-        if pull_cap is not None and (isinstance(pull_cap, bool) or int(pull_cap) != pull_cap or pull_cap < 1):
+        if pull_cap is not None and (not _is_int(pull_cap) or pull_cap < 1):
             raise InputError("must be an integer >= 1 or null", field="pull_cap", value=pull_cap)
         if evict_mode not in EVICT_MODES:
             raise InputError(f"must be one of {list(EVICT_MODES)}", field="evict_mode", value=evict_mode)
@@ -122,7 +132,7 @@ class QLM:
         self.milp_node_limit = None if milp_node_limit is None else int(milp_node_limit)
         self.milp_max_groups = int(milp_max_groups)
         self.milp_swap_penalty = float(milp_swap_penalty)
-        if not milp_interval_s >= 0:
+        if not (_is_num(milp_interval_s) and milp_interval_s >= 0):
             raise InputError("must be >= 0 seconds", field="milp_interval_s", value=milp_interval_s)
         self.milp_interval_s = float(milp_interval_s)
         self.pull_cap = None if pull_cap is None else int(pull_cap)
@@ -605,6 +615,13 @@ class QLM:
             if r.state != SERVING or rid in self._target or not vq or vq[0].model == r.model or not r.model:
                 continue
             g = vq[0]
+            if r.num_waiting:
+                # progress before a swap (our design): a swap drains the replica and sends what waits
+                # there back to the cluster queue, so swapping while requests of the loaded model wait
+                # lets two models' groups swap a replica back and forth forever without serving
+                # anything (a livelock the property test found: one replica, loads 0 / 7 / 8 s).
+                # Once they run, the drain finishes them: every swap cycle completes a request.
+                continue
             if not self._swap_needed(g, r, view, now):
                 # deferred: the loaded model's groups go first (the queue states the plan)
                 vq[:] = [x for x in vq if x.model == r.model] + [x for x in vq if x.model != r.model]
@@ -641,7 +658,7 @@ class QLM:
                 best, best_wait = None, stay
                 for r in view.replicas:
                     if r.state != SERVING or r.replica_id in self._target or not r.model or r.model == g.model \
-                            or self._vq[r.replica_id]:
+                            or self._vq[r.replica_id] or r.num_waiting:
                         continue
                     others = [x for x in view.replicas if x is not r and self._serves(x, r.model)]
                     if not others and self._by_model.get(r.model):
