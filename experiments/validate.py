@@ -124,6 +124,10 @@ def run(cfg: DictConfig, out_dir: str | Path) -> ValidationResult:
         raise InputError("loads must be positive fractions of the saturation rate", field="loads", value=loads)
     if int(cfg.repeats) < 1:
         raise InputError("must be >= 1", field="repeats", value=cfg.repeats)
+    for k in ("p50", "p90", "p99"):  # read only when the report is written: check before a long live run
+        v = cfg.tolerance.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
+            raise InputError("must be a number >= 0 (a relative error) or null", field=f"tolerance.{k}", value=v)
     replica = engine_replica(cfg)  # a bad cluster, policy or cost model stops here, before the server starts
     cost_model = replica.cost_model
     vocab = _vocab_size(scfg.model_dir)
