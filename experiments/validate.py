@@ -47,7 +47,7 @@ from experiments.live.simulate import (  # noqa: F401 - re-exported: the names t
     with_frontend_latency,
 )
 from experiments.live.workloads import (  # noqa: F401 - re-exported
-    ARRIVAL_PROCESSES, RequestPool, ShapeSpec, burst_workload, load_pool, run_workload,
+    ARRIVAL_PROCESSES, RequestPool, ShapeSpec, burst_workload, fixed_saturation, load_pool, run_workload,
 )
 from sim.errors import InputError
 from sim.metrics import tbt_samples
@@ -405,11 +405,7 @@ def _saturation(cfg, pool, server, scfg, rcfg, vocab, cost_model, replica, out, 
     sat = OmegaConf.to_container(cfg.saturation, resolve=True)
     method = sat["method"]
     if method == "fixed":
-        rate = (sat.get("rates_qps") or {}).get(pool.name)
-        if rate is None or not rate > 0:
-            raise InputError("saturation.method=fixed needs a positive rate for this workload",
-                             field=f"saturation.rates_qps.{pool.name}", value=rate)
-        return {"method": "fixed", "rate_qps": float(rate)}
+        return fixed_saturation(sat, pool)
     burst = burst_workload(pool, int(sat["num_requests"]))
     if method == "costmodel":
         sim = simulate_like_engine(cfg, burst, replica, cost_model)

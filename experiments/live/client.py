@@ -360,7 +360,8 @@ def _repeat(value, n: int):
     return pd.Series([value] * n)
 
 
-def _stats(x) -> dict:
+def lag_stats(x) -> dict:
+    """p50 / p99 / max / mean (s) of the finite values of `x` (NaN each when there are none)."""
     x = np.asarray(x, dtype=float)
     x = x[np.isfinite(x)]
     if x.size == 0:
@@ -382,8 +383,8 @@ def client_overhead(table: pd.DataFrame, lags: list[float], cpu_s: float, wall_s
     tokens = int(table["num_output_tokens_done"].sum())
     chunks = int(table["num_chunks"].sum())
     out = {
-        "send_lag_s": _stats(table["send_lag_s"]),
-        "loop_lag_s": _stats(lags),
+        "send_lag_s": lag_stats(table["send_lag_s"]),
+        "loop_lag_s": lag_stats(lags),
         "client_cpu_s": cpu_s,
         "client_cpu_fraction": cpu_s / wall_s if wall_s > 0 else math.nan,
         "num_tokens": tokens,

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from experiments.live.client import NOT_SENT, LiveRun, Record, request_table
+from experiments.live.client import NOT_SENT, LiveRun, Record, lag_stats, request_table
 from experiments.live.server import ServerError
 from sim.errors import InputError
 from sim.request import FINISHED, REJECTED, UNFINISHED
@@ -333,11 +333,11 @@ class InProcessEngine:
                     "contended_step_share": float(contended.mean()) if len(step_df) else math.nan,
                     "contended_time_share": float(step_df.loc[contended, "wall_s"].sum() / step_df["wall_s"].sum())
                     if len(step_df) and step_df["wall_s"].sum() > 0 else math.nan}
-        overhead = {"add_lag_s": _stats(table["send_lag_s"]),
-                    "sleep_wake_late_s": _stats(sleeps_late),
+        overhead = {"add_lag_s": lag_stats(table["send_lag_s"]),
+                    "sleep_wake_late_s": lag_stats(sleeps_late),
                     "loop_cpu_s": cpu, "loop_cpu_fraction": cpu / wall if wall > 0 else math.nan,
                     "engine_busy_fraction": counters["busy_s"] / wall if wall > 0 else math.nan,
-                    "output_stamp_minus_step_end_s": _stats((step_df["output_ts_s"] - step_df["end_s"]).to_numpy())}
+                    "output_stamp_minus_step_end_s": lag_stats((step_df["output_ts_s"] - step_df["end_s"]).to_numpy())}
         run = LiveRun(table, gdf, counters, overhead, wall, failure)
         run.steps = step_df
         return run
@@ -358,15 +358,6 @@ def _check_workload(wl: pd.DataFrame) -> None:
     for col in ("num_prompt_tokens", "num_output_tokens"):
         if len(wl) and (wl[col] < 1).any():
             raise InputError("must be >= 1", field=col, value=int(wl[col].min()))
-
-
-def _stats(x) -> dict:
-    x = np.asarray(x, dtype=float)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return {"p50": math.nan, "p99": math.nan, "max": math.nan, "mean": math.nan}
-    return {"p50": float(np.percentile(x, 50)), "p99": float(np.percentile(x, 99)), "max": float(x.max()),
-            "mean": float(x.mean())}
 
 
 def _child_pids() -> set[int]:

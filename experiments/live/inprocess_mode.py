@@ -28,7 +28,7 @@ from experiments.live.server import ServerError
 from experiments.live.simulate import (
     EngineFacts, Report, _clean, engine_replica, machine_state, simulate_like_engine, target_counts, usable_kv_blocks,
 )
-from experiments.live.workloads import RequestPool, burst_workload, run_workload
+from experiments.live.workloads import RequestPool, burst_workload, fixed_saturation, run_workload
 from sim.errors import InputError
 from sim.request import FINISHED
 from sim.scheduling import EngineLimits
@@ -178,11 +178,7 @@ def _saturation(cfg, pool, engine, replica, base, ref, cal_mode, out, classes) -
     sat = OmegaConf.to_container(cfg.saturation, resolve=True)
     method = sat["method"]
     if method == "fixed":
-        rate = (sat.get("rates_qps") or {}).get(pool.name)
-        if rate is None or not rate > 0:
-            raise InputError("saturation.method=fixed needs a positive rate for this workload",
-                             field=f"saturation.rates_qps.{pool.name}", value=rate)
-        return {"method": "fixed", "rate_qps": float(rate)}
+        return fixed_saturation(sat, pool)
     burst = burst_workload(pool, int(sat["num_requests"]))
     if method == "costmodel":  # the profile alone: the same rate, so the same requests, in every session
         sim = simulate_like_engine(cfg, burst, replica, base)

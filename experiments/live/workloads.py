@@ -113,6 +113,16 @@ def run_workload(pool: RequestPool, rate_qps: float, num_requests: int, arrivals
     return _requests(pool, arrival)
 
 
+def fixed_saturation(sat: dict, pool: RequestPool) -> dict:
+    """`saturation.method=fixed`: the rate given for this workload shape (`saturation.rates_qps`);
+    InputError naming the key when it is missing or not positive."""
+    rate = (sat.get("rates_qps") or {}).get(pool.name)
+    if rate is None or not rate > 0:
+        raise InputError("saturation.method=fixed needs a positive rate for this workload",
+                         field=f"saturation.rates_qps.{pool.name}", value=rate)
+    return {"method": "fixed", "rate_qps": float(rate)}
+
+
 def burst_workload(pool: RequestPool, num_requests: int) -> pd.DataFrame:
     """The first `num_requests` of the pool, all arriving at once (a backlog)."""
     return _requests(pool, np.zeros(min(num_requests, len(pool))))
