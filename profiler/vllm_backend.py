@@ -165,6 +165,23 @@ class VllmStepDriver:
             return out
 
         self.scheduler.schedule = recording_schedule
+        self.timing = "step"
+        """What `step` times: 'step', the whole `LLMEngine.step` (engine core step plus the front end's
+        output processing; how the shipped profiles were measured), or 'core', the engine core's step
+        alone (`EngineCoreClient.get_output`: schedule, forward, sample, outputs), which is what a served
+        engine core runs per step (vLLM's API server processes outputs in its own process) and what the
+        in-process replay steps."""
+        self._core_times: tuple[float, float] | None = None
+        client = self.engine.engine_core
+        original_get_output = client.get_output
+
+        def timed_get_output(*args, **kwargs):
+            c0, t0 = time.process_time(), time.perf_counter()
+            out = original_get_output(*args, **kwargs)
+            self._core_times = (time.perf_counter() - t0, time.process_time() - c0)
+            return out
+
+        client.get_output = timed_get_output
 
     # ---- primitives -------------------------------------------------------------------
 
@@ -194,15 +211,19 @@ class VllmStepDriver:
         return internal
 
     def step(self, budget: int) -> tuple[float, float, Observed | None]:
-        """One engine step with token budget `budget`: (wall_s, cpu_s, what the scheduler returned)."""
+        """One engine step with token budget `budget`: (wall_s, cpu_s, what the scheduler returned);
+        the times are of what `timing` names."""
         self.scheduler.max_num_scheduled_tokens = int(min(budget, self.max_budget))
         self._last = None
+        self._core_times = None
         try:
             c0, t0 = time.process_time(), time.perf_counter()
             self.engine.step()
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         finally:
             self.scheduler.max_num_scheduled_tokens = self.max_budget
+        if self.timing == "core" and self._core_times is not None:
+            wall, cpu = self._core_times
         return wall, cpu, self._last
 
     def computed_tokens(self, internal_id: str) -> int:
