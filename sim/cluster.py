@@ -146,6 +146,10 @@ def simulate(
         raise InputError("horizon must be > 0 seconds or null", field="horizon_s", value=horizon_s)
     requests = _make_requests(workload)
     env = simpy.Environment()
+    for spec in [*replicas, *(catalog or {}).values()]:  # time-varying cost models read the simulation clock
+        bind = getattr(spec.cost_model, "bind_clock", None)
+        if bind is not None:
+            bind(lambda: env.now)
     n_total = len(requests)
     done_count = [0]
     all_done = env.event()

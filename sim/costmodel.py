@@ -35,6 +35,11 @@ class CostModel(Protocol):
     decode context sum equal to `step_time_s(0, 0, num_decodes, c, num_decodes)`; the
     simulator's fast-forward prices decode runs with it when a model has it (the linear
     models do), else it calls `step_time_s`.
+
+    Optional: `bind_clock(now)`, for a model whose price depends on the time (e.g. a host speed
+    measured over a live replay, `experiments.live.calibration.SpeedTrackedCostModel`): `simulate`
+    calls it once with a function returning the simulation clock in seconds, before any step is
+    priced; a step is priced at its start time.
     """
 
     name: str
