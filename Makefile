@@ -84,7 +84,7 @@ validate-noise: $(FULL)
 # vLLM's priority scheduler under overload vs policy=vllm_priority (about 2 min)
 validate-priority: $(FULL)
 	$(PY) -m experiments.validate policy=vllm_priority priority.enabled=true priority.num_kv_blocks=72 \
-		'calibration.reference.decode_batches=[1,8,16]' calibration.reference.decode_context=128 'loads=[1.3]' \
+		calibration.reference.decode_context=128 'loads=[1.3]' \
 		'~workloads.code' duration_s=20 min_requests=40 max_requests=200 saturation.method=costmodel nice=-10
 
 clean:

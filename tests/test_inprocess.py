@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from experiments.live.inprocess import (
-    ReferenceSteps, ScaledCostModel, fit_speed_scale, step_kind, step_price_errors,
+from experiments.live.calibration import (
+    ReferenceSteps, ScaledCostModel, SpeedCalibration, SpeedTrack, SpeedTrackedCostModel, fit_size_scales,
+    fit_speed_scale, pooled, step_kind, step_price_errors, track_speed,
 )
 from experiments.live.inprocess_mode import void_reasons, with_classes
 from experiments.live.simulate import noise_accounting, target_counts
@@ -48,6 +49,51 @@ def test_scaled_cost_model_multiplies_each_step_kind_by_its_scale():
         ScaledCostModel(ConstantCostModel(0.01), {"prefill": 1.0, "decode": 0.0, "mixed": 1.0})
 
 
+def _pt(kind, pf, nd, measured, price):
+    return {"kind": kind, "num_prefill_tokens": pf, "num_decodes": nd, "measured_s": measured, "price_s": price}
+
+
+def test_size_scales_are_measured_over_priced_time_at_each_size_of_each_kind():
+    pts = [_pt("decode", 0, 1, 0.009, 0.010), _pt("decode", 0, 4, 0.014, 0.020),
+           _pt("mixed", 128, 2, 0.05, 0.05), _pt("mixed", 128, 8, 0.07, 0.05),  # same chunk: pooled as sums
+           _pt("mixed", 384, 8, 0.11, 0.10), _pt("prefill", 64, 0, math.nan, 0.02)]  # not timed cleanly
+    s = fit_size_scales(pts)
+    assert s["decode"] == [[1.0, pytest.approx(0.9)], [4.0, pytest.approx(0.7)]]
+    assert s["mixed"] == [[128.0, pytest.approx(1.2)], [384.0, pytest.approx(1.1)]]
+    assert "prefill" not in s
+
+
+def test_size_scaled_cost_model_interpolates_in_log_size_and_holds_the_ends():
+    base = ConstantCostModel(0.01)
+    m = ScaledCostModel(base, {"prefill": 2.0, "decode": 0.5, "mixed": 1.5},
+                        {"decode": [[1, 0.9], [4, 0.7], [64, 1.0]], "mixed": [[128, 1.2], [384, 1.1]]})
+    assert m.step_time_s(0, 0, 1, 100, 1) == pytest.approx(0.009)
+    assert m.step_time_s(0, 0, 2, 100, 2) == pytest.approx(0.008)       # halfway between 1 and 4 in log size
+    assert m.step_time_s(0, 0, 16, 100, 16) == pytest.approx(0.0085)    # halfway between 4 and 64
+    assert m.step_time_s(0, 0, 128, 100, 128) == pytest.approx(0.010)   # beyond the last knot: held
+    assert m.step_time_s(64, 0, 3, 100, 4) == pytest.approx(0.012)      # mixed: by prefill tokens, held below
+    assert m.step_time_s(100, 0, 0, 0, 1) == pytest.approx(0.02)        # prefill: no knots, the kind's scale
+    pf = np.array([0, 0, 0, 64, 200, 100, 512])
+    nd = np.array([1, 2, 16, 3, 5, 0, 9])
+    vec = m.step_times_s(pf, np.zeros(7), nd, np.full(7, 100), pf + nd)
+    assert vec.tolist() == pytest.approx([m.step_time_s(int(a), 0, int(b), 100, int(a + b)) for a, b in zip(pf, nd)])
+    with pytest.raises(InputError, match="scale_by_size"):
+        ScaledCostModel(base, {"prefill": 1.0, "decode": 1.0, "mixed": 1.0}, {"decode": [[1, 0.9], [1, 0.8]]})
+    with pytest.raises(InputError, match="scale_by_size"):
+        ScaledCostModel(base, {"prefill": 1.0, "decode": 1.0, "mixed": 1.0}, {"decode": [[2, -1.0]]})
+
+
+def test_pooled_calibration_refits_on_the_timings_before_and_after():
+    before = SpeedCalibration(0.9, {}, [_pt("decode", 0, 4, 0.018, 0.020)], 10.0, 1, [64])
+    after = SpeedCalibration(1.1, {}, [_pt("decode", 0, 4, 0.022, 0.020), _pt("prefill", 256, 0, 0.1, 0.08)],
+                             11.0, 0, [])
+    p = pooled(before, after)
+    assert p.scale_by_size["decode"] == [[4.0, pytest.approx(1.0)]]
+    assert p.scale_by_kind["decode"] == pytest.approx(1.0) and p.scale_by_kind["prefill"] == pytest.approx(1.25)
+    assert p.wall_s == 21.0 and p.num_discarded == 1 and p.skipped_decode_batches == [64]
+    assert pooled(before, None) is before
+
+
 def test_step_price_errors_per_kind():
     steps = pd.DataFrame({"num_prefill_tokens": [100, 0, 0], "prefill_context": 0, "num_decodes": [0, 2, 2],
                           "decode_context_sum": [0, 50, 52], "batch_size": [1, 2, 2], "wall_s": [0.02, 0.01, 0.005]})
@@ -55,6 +101,9 @@ def test_step_price_errors_per_kind():
     assert e["prefill"]["median_rel_error"] == pytest.approx(-0.5)
     assert e["decode"]["num_steps"] == 2 and e["decode"]["sum_rel_error"] == pytest.approx(0.02 / 0.015 - 1)
     assert "mixed" not in e and e["all"]["measured_sum_s"] == pytest.approx(0.035)
+    assert e["decode"]["by_size"] == {"(1, 2]": {"num_steps": 2, "median_rel_error": pytest.approx(0.5),
+                                                 "sum_rel_error": pytest.approx(0.02 / 0.015 - 1)}}
+    assert list(e["prefill"]["by_size"]) == ["(64, 128]"]
 
 
 def _err(metric, q, rep, live, sim):
@@ -111,6 +160,10 @@ def test_reference_steps_fit_the_token_budget():
     assert [s.num_tokens for g in groups for s in g.shapes] == [1, 16, 16 + 128, 48, 48 + 128]
     with pytest.raises(InputError, match="calibration.reference"):
         ReferenceSteps(repetitions=0)
+    _, groups = ReferenceSteps(decode_batches=(1, 2, 8), mixed_chunks=(32,), mixed_batches=(1, 8)).shapes(512)
+    assert [s.num_tokens for g in groups for s in g.shapes] == [1, 1 + 32, 2, 8, 8 + 32]
+    with pytest.raises(InputError, match="mixed_batches"):
+        ReferenceSteps(decode_batches=(1, 2), mixed_batches=(4,))
 
 
 @pytest.mark.skipif(not TRACE.exists(), reason=f"Azure trace not found at {TRACE}")
@@ -118,6 +171,9 @@ def test_reference_steps_fit_the_token_budget():
     (["mode=bogus"], "field 'mode'"),
     (["priority.enabled=true"], "policy=vllm_priority"),
     (["calibration.mode=sometimes"], "calibration.mode"),
+    (["calibration.track.window_s=0"], "calibration.track.window_s"),
+    (["calibration.reference.mixed_batches=[3]"], "calibration.reference.mixed_batches"),
+    (["tolerance.view=both"], "tolerance.view"),
     (["policy=vllm_priority", "priority.enabled=true", "priority.classes.low=x"], "priority.classes"),
 ])
 def test_bad_inprocess_settings_stop_before_an_engine_starts(tmp_path, override, expected):
@@ -139,3 +195,55 @@ def test_a_replay_is_void_for_a_5_percent_claim_when_the_speed_moved_or_the_cpu_
     [why] = void_reasons(res(0.0, 0.2), 0.05, 0.05)
     assert "20% of the replay's step time contended" in why
     assert len(void_reasons(res(0.3, 0.3), 0.05, 0.05)) == 2
+
+
+def _steps(start, nd, pf, wall):
+    n = len(start)
+    return pd.DataFrame({"start_s": start, "num_prefill_tokens": pf, "prefill_context": np.zeros(n, int),
+                         "num_decodes": nd, "decode_context_sum": np.asarray(nd) * 100, "batch_size": np.asarray(nd) + (
+                             np.asarray(pf) > 0), "wall_s": wall})
+
+
+def test_speed_track_follows_a_switch_of_the_engine_speed_per_kind():
+    # decode steps priced 10 ms: the engine ran them at 10 ms for 10 s, then at 13 ms; prefill steps
+    # (priced 10 ms) ran 20 ms throughout; no mixed step
+    t = np.arange(0, 20, 0.1)
+    wall = np.where(t < 10, 0.010, 0.013)
+    steps = pd.concat([_steps(t, np.full(len(t), 4), np.zeros(len(t), int), wall),
+                       _steps(np.arange(0, 20, 1.0), np.zeros(20, int), np.full(20, 64), np.full(20, 0.02))])
+    tr = track_speed(steps, ConstantCostModel(0.01), window_s=2.0, every_s=0.5)
+    lv = dict(zip(tr.times_s, tr.levels["decode"]))
+    assert lv[5.0] == pytest.approx(1.0) and lv[15.0] == pytest.approx(1.3)
+    assert set(np.round(tr.levels["prefill"], 9)) == {2.0}
+    assert tr.levels["mixed"] == [1.0] * len(tr.times_s)   # no step of the kind: unscaled
+    m = SpeedTrackedCostModel(ConstantCostModel(0.01), tr)
+    clock = [5.0]
+    m.bind_clock(lambda: clock[0])
+    assert m.step_time_s(0, 0, 4, 400, 4) == pytest.approx(0.010)
+    assert m.step_time_s(64, 0, 0, 0, 1) == pytest.approx(0.020)
+    clock[0] = 15.0
+    assert m.step_time_s(0, 0, 4, 400, 4) == pytest.approx(0.013)
+    assert m.step_times_s([0, 64, 64], [0, 0, 0], [4, 0, 2], [400, 0, 200], [4, 1, 3]).tolist() == pytest.approx(
+        [0.013, 0.020, 0.010])
+    clock[0] = 99.0  # past the last step: the last level
+    assert m.step_time_s(0, 0, 4, 400, 4) == pytest.approx(0.013)
+    with pytest.raises(InputError, match="calibration.track"):
+        track_speed(steps, ConstantCostModel(0.01), window_s=0)
+
+
+def test_a_tracked_cost_model_is_priced_on_the_simulation_clock():
+    """`simulate` hands a time-varying cost model its clock: the same request takes 1.3x as long
+    once the tracked speed has slowed by 1.3x."""
+    from policies.fcfs import FCFS
+    from policies.routing import RoundRobin
+    from sim.cluster import ReplicaSpec, simulate
+    from sim.scheduling import EngineLimits
+
+    tr = SpeedTrack([0.0, 10.0], {"prefill": [1.0, 1.3], "decode": [1.0, 1.3], "mixed": [1.0, 1.3]}, 1.0)
+    spec = ReplicaSpec(cost_model=SpeedTrackedCostModel(ConstantCostModel(0.01), tr), policy_factory=FCFS,
+                       limits=EngineLimits(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=4096),
+                       num_kv_blocks=100, block_size=16)
+    wl = pd.DataFrame({"arrival_s": [0.0, 20.0], "num_prompt_tokens": [100, 100], "num_output_tokens": [10, 10]})
+    res = simulate(wl, [spec], RoundRobin(), fast_forward=False)
+    e2e = res.requests.sort_values("arrival_s")["e2e_s"].to_numpy()
+    assert e2e[1] == pytest.approx(1.3 * e2e[0])

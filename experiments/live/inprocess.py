@@ -22,9 +22,8 @@ the simulator's `sim.metrics.request_table` first) and fills `first_scheduled_s`
 scheduler returned as the cost model's five features), so the cost model's price of the very
 steps the engine ran can be compared with their measured times (`step_table`).
 
-`calibrate_speed` times a fixed set of reference steps on the same engine instance (the
-profiler's shape measurement: composition checked, contended steps discarded) and fits a scale
-of a cost model to them; `ScaledCostModel` applies it.
+The speed calibration of a cost model on this engine (`calibrate_speed`, `ScaledCostModel`) lives
+in `experiments.live.calibration`.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -49,17 +48,6 @@ log = logging.getLogger(__name__)
 CONTENDED_CPU_FRACTION = 0.8
 """A replay step whose process CPU time is below this share of its wall time was slowed by another
 process (as `profiler.measure.is_contended`); the replay reports the share of such steps and time."""
-
-STEP_KINDS = ("prefill", "decode", "mixed")
-"""Step kinds a speed scale may differ by: prefill chunks only, decodes only, both."""
-
-
-def step_kind(num_prefill_tokens, num_decodes) -> np.ndarray:
-    """'prefill' / 'decode' / 'mixed' per step (arrays of equal length; scalars give a 0-d array)."""
-    p = np.asarray(num_prefill_tokens) > 0
-    d = np.asarray(num_decodes) > 0
-    return np.where(p & d, "mixed", np.where(p, "prefill", "decode"))
-
 
 # --------------------------------------------------------------------------------- the engine
 
@@ -366,199 +354,3 @@ def _child_pids() -> set[int]:
     except ImportError:
         return set()
     return {p.pid for p in psutil.Process(os.getpid()).children(recursive=True)}
-
-
-# --------------------------------------------------------------------------------- speed calibration
-
-@dataclass(frozen=True)
-class ReferenceSteps:
-    """The fixed reference steps timed before each replay (our design: the step kinds a replay of
-    these workloads spends its time in, cheap to set up). Chunks are (tokens, tokens already in KV)."""
-
-    prefill_chunks: tuple[tuple[int, int], ...] = ((64, 0), (256, 0), (512, 0), (256, 512))
-    """Pure-prefill steps (one chunk each)."""
-    decode_batches: tuple[int, ...] = (1, 16, 48)
-    """Decode-only steps of this many requests."""
-    decode_context: int = 256
-    """Tokens in KV of each decoding request when its batch is set up."""
-    mixed_chunks: tuple[int, ...] = (128, 384)
-    """Prefill chunks added to every decode batch but the first for mixed steps."""
-    repetitions: int = 5
-    """Clean timed steps per reference step (the median is used)."""
-
-    def __post_init__(self) -> None:
-        if self.repetitions < 1 or self.decode_context < 1 or not self.decode_batches:
-            raise InputError("repetitions, decode_context >= 1 and at least one decode batch",
-                             field="calibration.reference", value=asdict(self))
-
-    def shapes(self, max_tokens: int):
-        from profiler.shapes import DecodeGroup, StepShape
-
-        prefill = [StepShape(((n, c),)) for n, c in self.prefill_chunks if n <= max_tokens]
-        groups = []
-        for j, b in enumerate(self.decode_batches):
-            shapes = [StepShape((), b, self.decode_context)]
-            if j > 0:
-                shapes += [StepShape(((m, 0),), b, self.decode_context) for m in self.mixed_chunks
-                           if m + b <= max_tokens]
-            groups.append(DecodeGroup(b, self.decode_context, tuple(shapes)))
-        return prefill, groups
-
-
-@dataclass
-class SpeedCalibration:
-    """Measured / priced time of the reference steps, and the scales fitted to them."""
-
-    scale: float
-    """Overall: measured over priced time of the reference steps (`fit_speed_scale`)."""
-    scale_by_kind: dict[str, float]
-    """The same per step kind ('prefill', 'decode', 'mixed'); kinds without a step take `scale`."""
-    points: list[dict] = field(default_factory=list)
-    """Per reference step: kind, features, measured median / p90 wall s, price s, ratio, repetitions."""
-    wall_s: float = math.nan
-    """How long the calibration took."""
-    num_discarded: int = 0
-    """Timed steps discarded (composition not as intended, or the core was taken away)."""
-    skipped_decode_batches: list[int] = field(default_factory=list)
-    """Reference decode batches left out because they would not fit the engine's KV blocks."""
-
-    def to_dict(self) -> dict:
-        return {"scale": self.scale, "scale_by_kind": dict(self.scale_by_kind), "points": self.points,
-                "wall_s": self.wall_s, "num_discarded": self.num_discarded,
-                "skipped_decode_batches": list(self.skipped_decode_batches)}
-
-
-def fit_speed_scale(points: list[dict]) -> tuple[float, dict[str, float]]:
-    """(overall scale, per-kind scales) from reference points (`kind`, `measured_s`, `price_s`; each
-    point's measured time is already a median over repetitions): sum of measured / sum of priced
-    time, over all points and within each kind (our design: the least-squares-in-total-time
-    choice, so the long steps a replay spends its time in weigh most). Kinds without a point take
-    the overall scale. InputError without a usable point."""
-    pts = [(p["kind"], float(p["measured_s"]), float(p["price_s"])) for p in points
-           if p.get("price_s", 0) > 0 and math.isfinite(p.get("measured_s", math.nan)) and p["measured_s"] > 0]
-    if not pts:
-        raise InputError("speed calibration: no reference step was timed cleanly", field="calibration")
-    overall = sum(m for _, m, _ in pts) / sum(q for _, _, q in pts)
-    by_kind = {}
-    for kind in STEP_KINDS:
-        ms = [(m, q) for k, m, q in pts if k == kind]
-        by_kind[kind] = sum(m for m, _ in ms) / sum(q for _, q in ms) if ms else overall
-    return float(overall), {k: float(v) for k, v in by_kind.items()}
-
-
-def calibrate_speed(engine: InProcessEngine, cost_model, ref: ReferenceSteps, *,
-                    min_cpu_fraction: float = 0.8) -> SpeedCalibration:
-    """Time `ref`'s steps on `engine` (the profiler's measurement: each step's composition is
-    checked against the intended one, steps that got less than `min_cpu_fraction` of a core are
-    discarded unless none is left), price each with `cost_model`, fit the scales. Decode batches that
-    would not fit the engine's KV blocks are skipped (recorded). ServerError if the engine fails."""
-    from profiler.measure import rows_from_steps, steps_table
-    from profiler.shapes import ShapeGrid
-
-    d = engine.driver
-    grid = ShapeGrid(name="speed-calibration", prefill_chunk_sizes=[1], prefill_contexts=[0],
-                     prefill_context_chunk_sizes=[1], multi_prefill=[], decode_batch_sizes=[1], decode_contexts=[1],
-                     mixed_chunk_sizes=[1], repetitions=ref.repetitions, warmup_steps=2, max_attempts_factor=3,
-                     shape_warmup_attempts=1)
-    prefill, groups = ref.shapes(d.max_budget)
-    # a decode batch (plus its mixed chunk and the steps it grows by) must fit the engine's KV blocks,
-    # else setting it up would preempt (a KV-starved engine, e.g. the priority check's): skipped, recorded
-    bs, blocks = engine.block_size, engine.num_kv_blocks
-    fits = [g for g in groups if g.num_decodes * -(-(g.decode_context + len(g.shapes) * (1 + 3 * ref.repetitions) + 3)
-                                                     // bs)
-            + max((-(-n // bs) for sh in g.shapes for n, _ in sh.prefill_chunks), default=0) <= blocks]
-    skipped = [g.num_decodes for g in groups if g not in fits]
-    groups = fits
-    t0 = time.perf_counter()
-    gc.collect()
-    gc.disable()
-    try:
-        shapes, timed = d.measure(prefill, groups, grid, min_cpu_fraction=min_cpu_fraction)
-    except Exception as e:  # noqa: BLE001
-        raise ServerError(f"the engine failed during the speed calibration: {type(e).__name__}: {e}") from e
-    finally:
-        gc.enable()
-    wall = time.perf_counter() - t0
-    st = steps_table(timed)
-    rows, counts = rows_from_steps(st, shapes, {})
-    points = []
-    for _, r in rows.iterrows():
-        price = float(cost_model.step_time_s(int(r["num_prefill_tokens"]), int(r["prefill_context"]),
-                                             int(r["num_decodes"]), int(r["decode_context_sum"]),
-                                             int(r["batch_size"])))
-        kind = str(step_kind(r["num_prefill_tokens"], r["num_decodes"]))
-        measured = float(r["median_s"]) if "median_s" in r else float(r["wall_median_s"])
-        points.append({"kind": kind, **{c: int(r[c]) for c in ("num_prefill_tokens", "prefill_context",
-                                                                "num_decodes", "decode_context_sum", "batch_size")},
-                       "measured_s": measured, "price_s": price, "ratio": measured / price if price > 0 else math.nan,
-                       "repetitions": int(r["repetitions"])})
-    scale, by_kind = fit_speed_scale(points)
-    discarded = int(counts.get("steps_mismatched", 0)) + int(counts.get("steps_contended", 0))
-    return SpeedCalibration(scale, by_kind, points, wall, discarded, skipped)
-
-
-class ScaledCostModel:
-    """A cost model whose step times are multiplied by a measured speed scale, one per step kind
-    ('prefill', 'decode', 'mixed'; `SpeedCalibration`). Our design: the shipped profile gives the
-    shape of the step-time function; the scale, timed on the live engine minutes before, gives
-    this host's speed at the moment of the replay."""
-
-    def __init__(self, base, scale_by_kind: dict[str, float]) -> None:
-        for k in STEP_KINDS:
-            v = scale_by_kind.get(k)
-            if v is None or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise InputError("a speed scale must be a positive number", field=f"scale_by_kind.{k}", value=v)
-        self.base = base
-        self.scale_by_kind = {k: float(scale_by_kind[k]) for k in STEP_KINDS}
-        s = self.scale_by_kind
-        self.name = (f"{getattr(base, 'name', 'cost model')} x speed(prefill {s['prefill']:.3f}, "
-                     f"decode {s['decode']:.3f}, mixed {s['mixed']:.3f})")
-
-    def _scale(self, num_prefill_tokens, num_decodes):
-        s = self.scale_by_kind
-        if num_prefill_tokens > 0:
-            return s["mixed"] if num_decodes > 0 else s["prefill"]
-        return s["decode"]
-
-    def step_time_s(self, num_prefill_tokens, prefill_context, num_decodes, decode_context_sum, batch_size) -> float:
-        t = self.base.step_time_s(num_prefill_tokens, prefill_context, num_decodes, decode_context_sum, batch_size)
-        return t * self._scale(num_prefill_tokens, num_decodes)
-
-    def step_times_s(self, num_prefill_tokens, prefill_context, num_decodes, decode_context_sum, batch_size):
-        t = np.asarray(self.base.step_times_s(num_prefill_tokens, prefill_context, num_decodes, decode_context_sum,
-                                              batch_size), dtype=float)
-        p = np.asarray(num_prefill_tokens) > 0
-        d = np.asarray(num_decodes) > 0
-        s = self.scale_by_kind
-        return t * np.where(p & d, s["mixed"], np.where(p, s["prefill"], s["decode"]))
-
-    def num_kv_blocks(self, block_size: int):
-        return self.base.num_kv_blocks(block_size)
-
-    def model_load_s(self) -> float:
-        return self.base.model_load_s()
-
-
-def step_price_errors(steps: pd.DataFrame, cost_model) -> dict:
-    """How far `cost_model`'s price of each step the engine ran is from its measured time, per step
-    kind: median and mean of (price - measured) / measured, and the measured / priced time sums.
-    Separates a speed error (this) from a scheduling error (the request-level comparison)."""
-    if steps is None or steps.empty:
-        return {}
-    price = np.asarray(cost_model.step_times_s(steps["num_prefill_tokens"].to_numpy(), steps["prefill_context"]
-                                               .to_numpy(), steps["num_decodes"].to_numpy(),
-                                               steps["decode_context_sum"].to_numpy(),
-                                               steps["batch_size"].to_numpy()), dtype=float)
-    wall = steps["wall_s"].to_numpy(dtype=float)
-    kinds = step_kind(steps["num_prefill_tokens"].to_numpy(), steps["num_decodes"].to_numpy())
-    out = {}
-    for kind in ("all",) + STEP_KINDS:
-        m = np.ones(len(wall), bool) if kind == "all" else kinds == kind
-        if not m.any():
-            continue
-        rel = (price[m] - wall[m]) / wall[m]
-        out[kind] = {"num_steps": int(m.sum()), "median_rel_error": float(np.median(rel)),
-                     "mean_rel_error": float(np.mean(rel)), "measured_sum_s": float(wall[m].sum()),
-                     "price_sum_s": float(price[m].sum()),
-                     "sum_rel_error": float(price[m].sum() / wall[m].sum() - 1)}
-    return out

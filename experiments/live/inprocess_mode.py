@@ -20,10 +20,11 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.compare import compare_run, error_table, plot_cdfs, plot_over_time
-from experiments.live.inprocess import (
-    InProcessConfig, InProcessEngine, ReferenceSteps, ScaledCostModel, SpeedCalibration, calibrate_speed,
-    step_price_errors,
+from experiments.live.calibration import (
+    ReferenceSteps, ScaledCostModel, SpeedCalibration, SpeedTrackedCostModel, calibrate_speed, pooled,
+    step_price_errors, track_speed,
 )
+from experiments.live.inprocess import InProcessConfig, InProcessEngine
 from experiments.live.server import ServerError
 from experiments.live.simulate import (
     EngineFacts, Report, _clean, engine_replica, machine_state, simulate_like_engine, target_counts, usable_kv_blocks,
@@ -35,7 +36,7 @@ from sim.scheduling import EngineLimits
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_MODES = ("per_kind", "overall", "none")
+CALIBRATION_MODES = ("by_size", "per_kind", "overall", "none")
 
 
 def inprocess_config(cfg: DictConfig) -> InProcessConfig:
@@ -59,7 +60,9 @@ def reference_steps(cfg: DictConfig) -> ReferenceSteps:
                               decode_batches=tuple(int(b) for b in r["decode_batches"]),
                               decode_context=int(r["decode_context"]),
                               mixed_chunks=tuple(int(m) for m in r["mixed_chunks"]),
-                              repetitions=int(r["repetitions"]))
+                              repetitions=int(r["repetitions"]),
+                              mixed_batches=None if r.get("mixed_batches") is None
+                              else tuple(int(b) for b in r["mixed_batches"]))
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"bad reference steps ({e})", field="calibration.reference", value=r) from None
 
@@ -70,6 +73,18 @@ def _calibration_mode(cfg: DictConfig) -> str:
         raise InputError(f"unknown mode; choose one of {list(CALIBRATION_MODES)}", field="calibration.mode",
                          value=mode)
     return mode
+
+
+def track_window_s(cfg: DictConfig) -> float | None:
+    """`calibration.track.window_s` when speed tracking is on, else None; InputError for a window that is
+    not a number > 0 (checked before the engine starts)."""
+    trk = cfg.calibration.get("track") or {}
+    if not trk.get("enabled", True):
+        return None
+    w = trk.get("window_s", 5.0)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+        raise InputError("must be a number of seconds > 0", field="calibration.track.window_s", value=w)
+    return float(w)
 
 
 def priority_classes(cfg: DictConfig) -> dict[str, int] | None:
@@ -113,6 +128,7 @@ def run_inprocess(cfg: DictConfig, out: Path, report: Report, pools: list[Reques
         cfg.policy.priorities = classes
     ref = reference_steps(cfg)
     cal_mode = _calibration_mode(cfg)
+    track_window_s(cfg)
     engine = InProcessEngine(icfg)
     report.data["mode"] = "inprocess"
     try:
@@ -204,18 +220,20 @@ def _scaled(base, cal: SpeedCalibration | None, mode: str):
         return base
     if mode == "overall":
         return ScaledCostModel(base, {k: cal.scale for k in ("prefill", "decode", "mixed")})
+    if mode == "by_size":
+        return ScaledCostModel(base, cal.scale_by_kind, cal.scale_by_size)
     return ScaledCostModel(base, cal.scale_by_kind)
 
 
 def one_run(cfg, label, workload_name, load, wl, engine: InProcessEngine, replica, base, ref, cal_mode, out, extra,
             classes=None, *, plots: bool) -> dict:
-    """Calibrate, replay `wl` in-process, calibrate again, simulate (scaled and unscaled), compare;
-    tables and plots under out/<label>/. ServerError (partial tables kept) if the engine failed."""
+    """Calibrate, replay `wl` in-process, calibrate again, simulate (with the profile scaled by both
+    calibrations pooled, or by the one before with `calibration.pool_after=false`, and with the profile
+    alone), compare; tables and plots under out/<label>/. ServerError (partial tables kept) if the engine failed."""
     run_dir = out / label
     run_dir.mkdir(parents=True, exist_ok=True)
     mcpu = float(cfg.calibration.min_cpu_fraction)
     cal = calibrate_speed(engine, base, ref, min_cpu_fraction=mcpu) if cal_mode != "none" else None
-    cost_model = _scaled(base, cal, cal_mode)
     machine = machine_state()
     log.info("%s: replaying %d requests in-process (%.1f s of arrivals)", label, len(wl), float(wl["arrival_s"].max()))
     live = engine.replay(wl, seed=int(cfg.replay.seed), min_token_id=int(cfg.replay.min_token_id),
@@ -231,6 +249,9 @@ def one_run(cfg, label, workload_name, load, wl, engine: InProcessEngine, replic
     cal_after = None
     if cal is not None and bool(cfg.calibration.after):
         cal_after = calibrate_speed(engine, base, ref, min_cpu_fraction=mcpu)
+    pool = bool(cfg.calibration.get("pool_after", True)) and cal_after is not None
+    cal_used = pooled(cal, cal_after) if pool else cal
+    cost_model = _scaled(base, cal_used, cal_mode)
     sent = live.requests[live.requests["reject_reason"] != "not_sent"]
     sim = simulate_like_engine(cfg, sent, replica, cost_model)
     sim.requests.to_parquet(run_dir / "requests_sim.parquet", index=False)
@@ -242,7 +263,10 @@ def one_run(cfg, label, workload_name, load, wl, engine: InProcessEngine, replic
         raw = simulate_like_engine(cfg, sent, replica, base)
         res["errors_uncalibrated"] = compare_run(live.requests, raw.requests, raw.steps, None, workload=workload_name,
                                                  load=load, extra=extra)["errors"]
-    res["speed"] = {"mode": cal_mode, "before": cal.to_dict() if cal else None,
+    res["speed"] = {"mode": cal_mode, "used": "before+after" if pool else "before",
+                    "scale_by_kind": cal_used.scale_by_kind if cal_used else None,
+                    "scale_by_size": cal_used.scale_by_size if cal_used else None,
+                    "before": cal.to_dict() if cal else None,
                     "after": cal_after.to_dict() if cal_after else None,
                     "drift": (cal_after.scale / cal.scale - 1) if cal and cal_after else None}
     res["step_price_error"] = {"calibrated": step_price_errors(live.steps, cost_model),
@@ -251,6 +275,22 @@ def one_run(cfg, label, workload_name, load, wl, engine: InProcessEngine, replic
                      "uncalibrated": target_counts(res.get("errors_uncalibrated", res["errors"]))}
     if classes:
         res["per_class"] = per_class(live.requests, sim.requests, sim.steps, workload_name, load, extra, classes)
+    window, tsim = track_window_s(cfg), None
+    if cost_model is not base and window is not None:
+        # the engine's own speed over the replay (its steps against the calibrated prices): the simulator
+        # checked on its scheduling, batching, KV and queueing given the engine's speed at each moment
+        track = track_speed(live.steps, cost_model, window_s=window)
+        tracked = SpeedTrackedCostModel(cost_model, track)
+        tcfg = OmegaConf.merge(cfg, {"sim": {"fast_forward": False}})  # every step priced at its own start
+        tsim = simulate_like_engine(tcfg, sent, replica, tracked)
+        tsim.requests.to_parquet(run_dir / "requests_sim_tracked.parquet", index=False)
+        res["errors_tracked"] = compare_run(live.requests, tsim.requests, tsim.steps, None, workload=workload_name,
+                                            load=load, extra=extra)["errors"]
+        res["speed"]["track"] = track.to_dict()
+        res["counts"]["tracked"] = target_counts(res["errors_tracked"])
+        if classes:
+            res["per_class_tracked"] = per_class(live.requests, tsim.requests, tsim.steps, workload_name, load,
+                                                 extra, classes)
     res.update(label=label, mode="inprocess", live_wall_s=live.wall_s, replay_overhead=live.overhead,
                engine_counters=live.counters, machine=machine, machine_after=machine_after,
                request_failures=live.requests.loc[live.requests["outcome"] != FINISHED, "reject_reason"]
@@ -268,6 +308,9 @@ def one_run(cfg, label, workload_name, load, wl, engine: InProcessEngine, replic
         title = f"{label}: live vLLM (in-process) vs slosim ({len(wl)} requests)"
         plot_cdfs(live.requests, sim.requests, sim.steps, run_dir / "cdf.png", title)
         plot_over_time(live.requests, sim.requests, sim.steps, live.gauges, run_dir / "over_time.png", title)
+        if tsim is not None:
+            plot_cdfs(live.requests, tsim.requests, tsim.steps, run_dir / "cdf_tracked.png",
+                      f"{title}, speed-tracked")
     (run_dir / "comparison.json").write_text(json.dumps(_clean(res), indent=2, allow_nan=False) + "\n")
     return res
 
@@ -305,13 +348,14 @@ def per_class(live: pd.DataFrame, sim: pd.DataFrame, sim_steps: pd.DataFrame, wo
 def print_run(res: dict) -> None:
     tl, ts = res["throughput"]["live"], res["throughput"]["sim"]
     sp = res.get("speed") or {}
-    before = (sp.get("before") or {}).get("scale_by_kind")
+    before = sp.get("scale_by_kind") or (sp.get("before") or {}).get("scale_by_kind")
     print(f"\n== {res['label']} (in-process): {res['num_requests']} requests; live {res['outcomes_live']}, "
           f"sim {res['outcomes_sim']}")
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(error_table(res["errors"]).to_string())
     c = res["counts"]
-    print(f"  within target (5/5/10%): calibrated {c['calibrated']['within_target']}/{c['calibrated']['comparisons']},"
+    tr = f" speed-tracked {c['tracked']['within_target']}/{c['tracked']['comparisons']}," if "tracked" in c else ""
+    print(f"  within target (5/5/10%): calibrated {c['calibrated']['within_target']}/{c['calibrated']['comparisons']},{tr}"
           f" profile alone {c['uncalibrated']['within_target']}/{c['uncalibrated']['comparisons']}; "
           f"throughput req/s live {tl['requests_per_s']:.3f} sim {ts['requests_per_s']:.3f}; "
           f"preemptions live {res['steps']['live_num_preemptions']} sim {res['steps']['sim_num_preemptions']}")
@@ -319,10 +363,18 @@ def print_run(res: dict) -> None:
         print(f"  VOID for a 5% claim: {'; '.join(res['void'])}")
     if before:
         drift = sp.get("drift")
-        print(f"  speed scale prefill {before['prefill']:.3f} decode {before['decode']:.3f} mixed {before['mixed']:.3f}"
+        print(f"  speed scale ({sp.get('mode')}, {sp.get('used', 'before')}) prefill {before['prefill']:.3f} "
+              f"decode {before['decode']:.3f} mixed {before['mixed']:.3f}"
               + (f"; drift over the replay {100 * drift:+.1f}%" if drift is not None else "")
               + f"; load avg {res['machine']['loadavg_1m']:.2f} -> {res['machine_after']['loadavg_1m']:.2f}")
+    if res.get("errors_tracked"):
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            print("  speed-tracked (the engine's own speed over the replay):")
+            print(error_table(res["errors_tracked"]).to_string())
     for name, pc in (res.get("per_class") or {}).items():
+        pt = (res.get("per_class_tracked") or {}).get(name)
         print(f"  class {name} (priority {pc['priority']}, {pc['num_requests']} requests): "
-              f"within target {pc['counts']['within_target']}/{pc['counts']['comparisons']}, "
+              f"within target {pc['counts']['within_target']}/{pc['counts']['comparisons']}"
+              + (f" (speed-tracked {pt['counts']['within_target']}/{pt['counts']['comparisons']})" if pt else "")
+              + ", "
               f"preemptions live {pc['live_num_preemptions']} sim {pc['sim_num_preemptions']}")
