@@ -186,8 +186,9 @@ def plot_cdfs(live: pd.DataFrame, sim: pd.DataFrame, sim_steps: pd.DataFrame, pa
 
 
 def plot_over_time(live: pd.DataFrame, sim: pd.DataFrame, sim_steps: pd.DataFrame, gauges: pd.DataFrame | None,
-                   path, title: str = ""):
-    """TTFT and end-to-end latency by arrival time, and running / waiting requests over time, both sides."""
+                   path, title: str = "", gauge_source: str = "live /metrics"):
+    """TTFT and end-to-end latency by arrival time, and running / waiting requests over time, both sides;
+    `gauge_source` names where the live gauges came from in the legend."""
     fig, axes = plt.subplots(3, 1, figsize=(12, 9), sharex=True)
     for df, label, kw in ((live, "live vLLM", dict(color="tab:blue", marker=".")),
                           (sim, "slosim", dict(color="tab:orange", marker="x"))):
@@ -196,8 +197,8 @@ def plot_over_time(live: pd.DataFrame, sim: pd.DataFrame, sim_steps: pd.DataFram
         axes[1].scatter(fin["arrival_s"], fin["e2e_s"], s=8, label=label, alpha=0.6, **kw)
     if gauges is not None and len(gauges):
         t = gauges["t_s"].to_numpy(float)
-        axes[2].plot(t, gauges["num_running"], color="tab:blue", lw=1, label="running (live /metrics)")
-        axes[2].plot(t, gauges["num_waiting"], color="tab:blue", lw=1, ls=":", label="waiting (live /metrics)")
+        axes[2].plot(t, gauges["num_running"], color="tab:blue", lw=1, label=f"running ({gauge_source})")
+        axes[2].plot(t, gauges["num_waiting"], color="tab:blue", lw=1, ls=":", label=f"waiting ({gauge_source})")
         axes[2].plot(t, sim_running_at(sim_steps, t), color="tab:orange", lw=1, ls="--", label="batch size (slosim)")
         axes[2].plot(t, sim_waiting_at(sim_steps, t), color="tab:orange", lw=1, ls="-.", label="waiting (slosim)")
     axes[0].set_ylabel("TTFT (s)")

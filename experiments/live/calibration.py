@@ -77,8 +77,9 @@ class ReferenceSteps:
             raise InputError("repetitions, decode_context >= 1 and at least one decode batch",
                              field="calibration.reference", value=asdict(self))
         if self.mixed_batches is not None and not set(self.mixed_batches) <= set(self.decode_batches):
-            raise InputError("every mixed batch must be one of decode_batches",
-                             field="calibration.reference.mixed_batches", value=list(self.mixed_batches))
+            raise InputError("every mixed batch must be one of decode_batches (give mixed_batches with them, "
+                             "or null for all but the first)", field="calibration.reference.mixed_batches",
+                             value=list(self.mixed_batches))
 
     def shapes(self, max_tokens: int):
         from profiler.shapes import DecodeGroup, StepShape

@@ -307,7 +307,8 @@ def one_run(cfg, label, workload_name, load, wl, engine: InProcessEngine, replic
     if plots:
         title = f"{label}: live vLLM (in-process) vs slosim ({len(wl)} requests)"
         plot_cdfs(live.requests, sim.requests, sim.steps, run_dir / "cdf.png", title)
-        plot_over_time(live.requests, sim.requests, sim.steps, live.gauges, run_dir / "over_time.png", title)
+        plot_over_time(live.requests, sim.requests, sim.steps, live.gauges, run_dir / "over_time.png", title,
+                       gauge_source="live engine scheduler")
         if tsim is not None:
             plot_cdfs(live.requests, tsim.requests, tsim.steps, run_dir / "cdf_tracked.png",
                       f"{title}, speed-tracked")
