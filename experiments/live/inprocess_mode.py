@@ -63,6 +63,8 @@ def reference_steps(cfg: DictConfig) -> ReferenceSteps:
                               repetitions=int(r["repetitions"]),
                               mixed_batches=None if r.get("mixed_batches") is None
                               else tuple(int(b) for b in r["mixed_batches"]))
+    except InputError:
+        raise
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"bad reference steps ({e})", field="calibration.reference", value=r) from None
 
