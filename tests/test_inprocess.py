@@ -104,6 +104,11 @@ def test_step_price_errors_per_kind():
     assert e["decode"]["by_size"] == {"(1, 2]": {"num_steps": 2, "median_rel_error": pytest.approx(0.5),
                                                  "sum_rel_error": pytest.approx(0.02 / 0.015 - 1)}}
     assert list(e["prefill"]["by_size"]) == ["(64, 128]"]
+    # an engine step that scheduled nothing (vLLM runs a few) is no decode step
+    empty = pd.DataFrame({"num_prefill_tokens": [0], "prefill_context": 0, "num_decodes": [0],
+                          "decode_context_sum": [0], "batch_size": [0], "wall_s": [0.0002]})
+    e2 = step_price_errors(pd.concat([steps, empty]), ConstantCostModel(0.01))
+    assert e2["decode"] == e["decode"] and e2["all"]["num_steps"] == 3
 
 
 def _err(metric, q, rep, live, sim):
@@ -174,6 +179,13 @@ def test_reference_steps_fit_the_token_budget():
     (["calibration.track.window_s=0"], "calibration.track.window_s"),
     (["calibration.reference.mixed_batches=[3]"], "calibration.reference.mixed_batches"),
     (["tolerance.view=both"], "tolerance.view"),
+    (["calibration.max_drift=abc"], "calibration.max_drift"),
+    (["calibration.min_cpu_fraction=1.5"], "calibration.min_cpu_fraction"),
+    (["calibration.track.enabled=maybe"], "calibration.track.enabled"),
+    (["calibration.reference.mixed_chunks=[9999]"], "calibration.reference.mixed_chunks"),
+    (["calibration.reference.decode_batches=[0]"], "calibration.reference.decode_batches"),
+    (["calibration.reference.decode_batches=[]"], "calibration.reference.decode_batches"),
+    (["calibration.reference.prefill_chunks=[[-5,0]]"], "calibration.reference.prefill_chunks"),
     (["policy=vllm_priority", "priority.enabled=true", "priority.classes.low=x"], "priority.classes"),
 ])
 def test_bad_inprocess_settings_stop_before_an_engine_starts(tmp_path, override, expected):
@@ -210,7 +222,8 @@ def test_speed_track_follows_a_switch_of_the_engine_speed_per_kind():
     t = np.arange(0, 20, 0.1)
     wall = np.where(t < 10, 0.010, 0.013)
     steps = pd.concat([_steps(t, np.full(len(t), 4), np.zeros(len(t), int), wall),
-                       _steps(np.arange(0, 20, 1.0), np.zeros(20, int), np.full(20, 64), np.full(20, 0.02))])
+                       _steps(np.arange(0, 20, 1.0), np.zeros(20, int), np.full(20, 64), np.full(20, 0.02)),
+                       _steps([5.0, 15.0], [0, 0], [0, 0], [0.0002, 0.0002])])  # empty engine steps: no kind
     tr = track_speed(steps, ConstantCostModel(0.01), window_s=2.0, every_s=0.5)
     lv = dict(zip(tr.times_s, tr.levels["decode"]))
     assert lv[5.0] == pytest.approx(1.0) and lv[15.0] == pytest.approx(1.3)

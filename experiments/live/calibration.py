@@ -27,7 +27,7 @@ import gc
 import math
 import time
 from bisect import bisect_right
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -73,13 +73,42 @@ class ReferenceSteps:
     """The decode batches the mixed chunks are added to; None: every one but the first."""
 
     def __post_init__(self) -> None:
-        if self.repetitions < 1 or self.decode_context < 1 or not self.decode_batches:
-            raise InputError("repetitions, decode_context >= 1 and at least one decode batch",
-                             field="calibration.reference", value=asdict(self))
+        f = "calibration.reference"
+        if self.repetitions < 1:
+            raise InputError("must be >= 1", field=f"{f}.repetitions", value=self.repetitions)
+        if self.decode_context < 1:
+            raise InputError("must be >= 1 token", field=f"{f}.decode_context", value=self.decode_context)
+        if not self.decode_batches or min(self.decode_batches) < 1:
+            raise InputError("give at least one decode batch, each of >= 1 request", field=f"{f}.decode_batches",
+                             value=list(self.decode_batches))
+        if any(n < 1 or c < 0 for n, c in self.prefill_chunks):
+            raise InputError("each chunk is [tokens >= 1, tokens already in KV >= 0]", field=f"{f}.prefill_chunks",
+                             value=[list(c) for c in self.prefill_chunks])
+        if any(m < 1 for m in self.mixed_chunks):
+            raise InputError("each mixed chunk must be >= 1 token", field=f"{f}.mixed_chunks",
+                             value=list(self.mixed_chunks))
         if self.mixed_batches is not None and not set(self.mixed_batches) <= set(self.decode_batches):
             raise InputError("every mixed batch must be one of decode_batches (give mixed_batches with them, "
                              "or null for all but the first)", field="calibration.reference.mixed_batches",
                              value=list(self.mixed_batches))
+
+    def check_budget(self, max_tokens: int) -> None:
+        """InputError naming the first reference step that cannot be one engine step under a token
+        budget of `max_tokens` (it would otherwise be silently left out)."""
+        f = "calibration.reference"
+        for n, c in self.prefill_chunks:
+            if n > max_tokens:
+                raise InputError(f"a prefill chunk over the engine's token budget ({max_tokens})",
+                                 field=f"{f}.prefill_chunks", value=[n, c])
+        for b in self.decode_batches:
+            if b > max_tokens:
+                raise InputError(f"a decode batch over the engine's token budget ({max_tokens})",
+                                 field=f"{f}.decode_batches", value=b)
+        mixed_at = self.decode_batches[1:] if self.mixed_batches is None else self.mixed_batches
+        for m in self.mixed_chunks:
+            if mixed_at and m + min(mixed_at) > max_tokens:
+                raise InputError(f"a mixed chunk that with its decodes exceeds the engine's token budget "
+                                 f"({max_tokens})", field=f"{f}.mixed_chunks", value=m)
 
     def shapes(self, max_tokens: int):
         from profiler.shapes import DecodeGroup, StepShape
@@ -307,6 +336,8 @@ def step_price_errors(steps: pd.DataFrame, cost_model) -> dict:
     kind: median and mean of (price - measured) / measured, the measured / priced time sums, and
     the same per size bin (`SIZE_BINS`, key `by_size`: bin label -> steps, median error, sum error).
     Separates a speed error (this) from a scheduling error (the request-level comparison)."""
+    if steps is not None:  # an engine step that scheduled nothing is no step of any kind
+        steps = steps[(steps["num_prefill_tokens"] + steps["num_decodes"]) > 0]
     if steps is None or steps.empty:
         return {}
     price = np.asarray(cost_model.step_times_s(steps["num_prefill_tokens"].to_numpy(), steps["prefill_context"]
@@ -387,6 +418,8 @@ def track_speed(steps: pd.DataFrame, cost_model, *, window_s: float = 5.0, every
     if not (window_s > 0 and every_s > 0):
         raise InputError("the speed-track window and spacing must be > 0 s", field="calibration.track",
                          value={"window_s": window_s, "every_s": every_s})
+    if steps is not None:  # an engine step that scheduled nothing is no step of any kind
+        steps = steps[(steps["num_prefill_tokens"] + steps["num_decodes"]) > 0]
     if steps is None or steps.empty:
         return SpeedTrack([0.0], {k: [1.0] for k in STEP_KINDS}, window_s)
     start = steps["start_s"].to_numpy(dtype=float)

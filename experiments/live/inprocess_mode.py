@@ -77,6 +77,25 @@ def _calibration_mode(cfg: DictConfig) -> str:
     return mode
 
 
+def check_calibration(cfg: DictConfig) -> None:
+    """The `calibration` settings read after a replay, checked before the engine starts (InputError
+    naming the field)."""
+    c = cfg.calibration
+    for key in ("after", "pool_after"):
+        if not isinstance(c.get(key, True), bool):
+            raise InputError("must be true or false", field=f"calibration.{key}", value=c.get(key))
+    trk = c.get("track") or {}
+    if not isinstance(trk.get("enabled", True), bool):
+        raise InputError("must be true or false", field="calibration.track.enabled", value=trk.get("enabled"))
+    for key, lo, hi in (("min_cpu_fraction", 0.0, 1.0), ("max_drift", 0.0, None), ("max_contended_time_share", 0.0, 1.0)):
+        v = c.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo or (hi is not None and v > hi):
+            raise InputError(f"must be a number in [{lo:g}, {'inf' if hi is None else f'{hi:g}'}]",
+                             field=f"calibration.{key}", value=v)
+    reference_steps(cfg).check_budget(int(cfg.server.max_num_batched_tokens))
+    track_window_s(cfg)
+
+
 def track_window_s(cfg: DictConfig) -> float | None:
     """`calibration.track.window_s` when speed tracking is on, else None; InputError for a window that is
     not a number > 0 (checked before the engine starts)."""
@@ -130,7 +149,7 @@ def run_inprocess(cfg: DictConfig, out: Path, report: Report, pools: list[Reques
         cfg.policy.priorities = classes
     ref = reference_steps(cfg)
     cal_mode = _calibration_mode(cfg)
-    track_window_s(cfg)
+    check_calibration(cfg)
     engine = InProcessEngine(icfg)
     report.data["mode"] = "inprocess"
     try:
@@ -265,9 +284,10 @@ def one_run(cfg, label, workload_name, load, wl, engine: InProcessEngine, replic
         raw = simulate_like_engine(cfg, sent, replica, base)
         res["errors_uncalibrated"] = compare_run(live.requests, raw.requests, raw.steps, None, workload=workload_name,
                                                  load=load, extra=extra)["errors"]
-    res["speed"] = {"mode": cal_mode, "used": "before+after" if pool else "before",
-                    "scale_by_kind": cal_used.scale_by_kind if cal_used else None,
-                    "scale_by_size": cal_used.scale_by_size if cal_used else None,
+    res["speed"] = {"mode": cal_mode, "used": "none" if cal is None else "before+after" if pool else "before",
+                    # the scales the simulation used (calibration.mode decides which of the fitted ones)
+                    "scale_by_kind": getattr(cost_model, "scale_by_kind", None),
+                    "scale_by_size": cal_used.scale_by_size if cal_used and cal_mode == "by_size" else None,
                     "before": cal.to_dict() if cal else None,
                     "after": cal_after.to_dict() if cal_after else None,
                     "drift": (cal_after.scale / cal.scale - 1) if cal and cal_after else None}
@@ -278,7 +298,7 @@ def one_run(cfg, label, workload_name, load, wl, engine: InProcessEngine, replic
     if classes:
         res["per_class"] = per_class(live.requests, sim.requests, sim.steps, workload_name, load, extra, classes)
     window, tsim = track_window_s(cfg), None
-    if cost_model is not base and window is not None:
+    if window is not None:
         # the engine's own speed over the replay (its steps against the calibrated prices): the simulator
         # checked on its scheduling, batching, KV and queueing given the engine's speed at each moment
         track = track_speed(live.steps, cost_model, window_s=window)
@@ -308,7 +328,8 @@ def one_run(cfg, label, workload_name, load, wl, engine: InProcessEngine, replic
                     "sim_num_preemptions": res["sim_num_preemptions"]}
     if plots:
         title = f"{label}: live vLLM (in-process) vs slosim ({len(wl)} requests)"
-        plot_cdfs(live.requests, sim.requests, sim.steps, run_dir / "cdf.png", title)
+        plot_cdfs(live.requests, sim.requests, sim.steps, run_dir / "cdf.png",
+                  f"{title}, {'calibrated' if cal is not None else 'profile alone'}")
         plot_over_time(live.requests, sim.requests, sim.steps, live.gauges, run_dir / "over_time.png", title,
                        gauge_source="live engine scheduler")
         if tsim is not None:
@@ -358,7 +379,8 @@ def print_run(res: dict) -> None:
         print(error_table(res["errors"]).to_string())
     c = res["counts"]
     tr = f" speed-tracked {c['tracked']['within_target']}/{c['tracked']['comparisons']}," if "tracked" in c else ""
-    print(f"  within target (5/5/10%): calibrated {c['calibrated']['within_target']}/{c['calibrated']['comparisons']},{tr}"
+    cal_label = "calibrated" if sp.get("mode", "none") != "none" else "as simulated (calibration.mode=none)"
+    print(f"  within target (5/5/10%): {cal_label} {c['calibrated']['within_target']}/{c['calibrated']['comparisons']},{tr}"
           f" profile alone {c['uncalibrated']['within_target']}/{c['uncalibrated']['comparisons']}; "
           f"throughput req/s live {tl['requests_per_s']:.3f} sim {ts['requests_per_s']:.3f}; "
           f"preemptions live {res['steps']['live_num_preemptions']} sim {res['steps']['sim_num_preemptions']}")
