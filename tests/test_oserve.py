@@ -95,7 +95,9 @@ def test_refine_never_beats_exhaustive_search(table, demand, num_gpus):
     cfg = [ReplicaConfig(t) for t in (1, 2, 4)]
     ex = exhaustive(num_gpus, cfg, rates, demand)
     r = refine((1,) * num_gpus, cfg, rates, demand)
-    assert r.served <= ex.served * (1 + 1e-9) + 1e-9
+    # the search compares served rates rounded to 1e-6 req/s (oserve_plan._key), so two deployments
+    # within that are a tie it may break either way (found: demand 6e-8 req/s served by one, not the other)
+    assert r.served <= ex.served + 1e-6
     assert sum(r.deployment) == num_gpus
 
 
