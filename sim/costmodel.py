@@ -37,7 +37,7 @@ class CostModel(Protocol):
     models do), else it calls `step_time_s`.
 
     Optional: `bind_clock(now)`, for a model whose price depends on the time (e.g. a host speed
-    measured over a live replay, `experiments.live.calibration.SpeedTrackedCostModel`): `simulate`
+    measured over a live replay, `experiments.live.speed_track.SpeedTrackedCostModel`): `simulate`
     calls it once with a function returning the simulation clock in seconds, before any step is
     priced; a step is priced at its start time.
     """

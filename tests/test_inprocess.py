@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from experiments.live.calibration import (
-    ReferenceSteps, ScaledCostModel, SpeedCalibration, SpeedTrack, SpeedTrackedCostModel, fit_size_scales,
-    fit_speed_scale, pooled, step_kind, step_price_errors, track_speed,
+    ReferenceSteps, ScaledCostModel, SpeedCalibration, fit_size_scales, fit_speed_scale, pooled, step_kind,
+    step_price_errors,
 )
+from experiments.live.speed_track import SpeedTrack, SpeedTrackedCostModel, track_speed
 from experiments.live.inprocess_mode import void_reasons, with_classes
 from experiments.live.simulate import noise_accounting, target_counts
 from sim.costmodel import ConstantCostModel

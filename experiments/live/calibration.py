@@ -12,7 +12,7 @@ the engine's speed now is from the profile's:
   between the sizes by linear interpolation in log(size), held at the end values outside them.
 
 `ScaledCostModel` multiplies the profile's price of every step by its kind's scale, or by the
-interpolated size scale. Why sizes (our design, from measurement): on the project's 2-vCPU hosts
+interpolated size scale. The engine's speed tracked over a replay: `experiments.live.speed_track`. Why sizes (our design, from measurement): on the project's 2-vCPU hosts
 the engine's decode step moved against the shipped profile by different amounts at different batch
 sizes (2026-11-30, one engine: measured / profile price 0.94 at 1 request, 0.75-0.80 at 4,
 0.85-0.87 at 8-16, 0.92-0.99 at 32-64), so one decode scale overpriced the small batches a
@@ -51,6 +51,24 @@ def step_kind(num_prefill_tokens, num_decodes) -> np.ndarray:
     p = np.asarray(num_prefill_tokens) > 0
     d = np.asarray(num_decodes) > 0
     return np.where(p & d, "mixed", np.where(p, "prefill", "decode"))
+
+
+def kind_of(num_prefill_tokens: int, num_decodes: int) -> str:
+    """`step_kind` of one step, for the per-step pricing path (no numpy)."""
+    if num_prefill_tokens > 0:
+        return "mixed" if num_decodes > 0 else "prefill"
+    return "decode"
+
+
+def priced_steps(steps: pd.DataFrame | None, cost_model) -> tuple[pd.DataFrame, np.ndarray]:
+    """The steps of a replay's step table that ran something (vLLM runs a few empty engine steps: no
+    step of any kind) and `cost_model`'s price of each, seconds."""
+    if steps is None or steps.empty:
+        return pd.DataFrame(), np.zeros(0)
+    steps = steps[(steps["num_prefill_tokens"] + steps["num_decodes"]) > 0]
+    price = np.asarray(cost_model.step_times_s(*(steps[c].to_numpy() for c in (
+        "num_prefill_tokens", "prefill_context", "num_decodes", "decode_context_sum", "batch_size"))), dtype=float)
+    return steps, price
 
 
 @dataclass(frozen=True)
@@ -296,11 +314,8 @@ class ScaledCostModel:
                      f"decode {s['decode']:.3f}, mixed {s['mixed']:.3f}{sized})")
 
     def _scale(self, num_prefill_tokens, num_decodes):
-        if num_prefill_tokens > 0:
-            kind = "mixed" if num_decodes > 0 else "prefill"
-            size = num_prefill_tokens
-        else:
-            kind, size = "decode", num_decodes
+        kind = kind_of(num_prefill_tokens, num_decodes)
+        size = num_decodes if kind == "decode" else num_prefill_tokens
         kn = self.knots.get(kind)
         return kn.at(size) if kn is not None else self.scale_by_kind[kind]
 
@@ -336,14 +351,9 @@ def step_price_errors(steps: pd.DataFrame, cost_model) -> dict:
     kind: median and mean of (price - measured) / measured, the measured / priced time sums, and
     the same per size bin (`SIZE_BINS`, key `by_size`: bin label -> steps, median error, sum error).
     Separates a speed error (this) from a scheduling error (the request-level comparison)."""
-    if steps is not None:  # an engine step that scheduled nothing is no step of any kind
-        steps = steps[(steps["num_prefill_tokens"] + steps["num_decodes"]) > 0]
-    if steps is None or steps.empty:
+    steps, price = priced_steps(steps, cost_model)
+    if steps.empty:
         return {}
-    price = np.asarray(cost_model.step_times_s(steps["num_prefill_tokens"].to_numpy(), steps["prefill_context"]
-                                               .to_numpy(), steps["num_decodes"].to_numpy(),
-                                               steps["decode_context_sum"].to_numpy(),
-                                               steps["batch_size"].to_numpy()), dtype=float)
     wall = steps["wall_s"].to_numpy(dtype=float)
     kinds = step_kind(steps["num_prefill_tokens"].to_numpy(), steps["num_decodes"].to_numpy())
     out = {}
@@ -385,111 +395,3 @@ def pooled(before: SpeedCalibration, after: SpeedCalibration | None) -> SpeedCal
                             before.num_discarded + after.num_discarded,
                             sorted(set(before.skipped_decode_batches) | set(after.skipped_decode_batches)),
                             fit_size_scales(points))
-
-
-# ------------------------------------------------------------------------ speed tracked over a replay
-
-@dataclass
-class SpeedTrack:
-    """The engine's speed over a replay, per step kind: at each time of `times_s`, the measured over
-    the priced time (sums) of that kind's steps that started within `window_s` / 2 of it (priced by
-    the cost model the track was measured against; sums, as the calibration's scales, so that the
-    simulated busy time of each window equals the engine's for the steps it ran). Times without a step of a kind in their window
-    take the nearest time that has one; a kind without any step takes 1.0."""
-
-    times_s: list[float]
-    levels: dict[str, list[float]]
-    window_s: float
-
-    def to_dict(self) -> dict:
-        lv = {k: np.asarray(v) for k, v in self.levels.items()}
-        return {"window_s": self.window_s, "num_points": len(self.times_s),
-                "summary": {k: {"min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
-                            for k, v in lv.items() if len(v)}}
-
-
-def track_speed(steps: pd.DataFrame, cost_model, *, window_s: float = 5.0, every_s: float = 0.5) -> SpeedTrack:
-    """`SpeedTrack` of the steps an engine ran (`steps`: the replay's step table, `start_s`, `wall_s` and
-    the five cost-model features) against `cost_model`'s prices. Our design: it measures how the host's
-    speed moved during the replay (on the project's shared 2-vCPU hosts the engine's decode step switched
-    between two speeds ~25% apart within seconds, 2026-11-30), so that a simulation priced with it
-    (`SpeedTrackedCostModel`) is checked on its scheduling, batching, KV and queueing given the engine's
-    speed at each moment, not on predicting the host. InputError for a window or spacing that is not > 0."""
-    if not (window_s > 0 and every_s > 0):
-        raise InputError("the speed-track window and spacing must be > 0 s", field="calibration.track",
-                         value={"window_s": window_s, "every_s": every_s})
-    if steps is not None:  # an engine step that scheduled nothing is no step of any kind
-        steps = steps[(steps["num_prefill_tokens"] + steps["num_decodes"]) > 0]
-    if steps is None or steps.empty:
-        return SpeedTrack([0.0], {k: [1.0] for k in STEP_KINDS}, window_s)
-    start = steps["start_s"].to_numpy(dtype=float)
-    price = np.asarray(cost_model.step_times_s(*(steps[c].to_numpy() for c in (
-        "num_prefill_tokens", "prefill_context", "num_decodes", "decode_context_sum", "batch_size"))), dtype=float)
-    wall = steps["wall_s"].to_numpy(dtype=float)
-    kinds = step_kind(steps["num_prefill_tokens"].to_numpy(), steps["num_decodes"].to_numpy())
-    times = np.arange(0.0, float(start.max()) + every_s, every_s)
-    levels = {}
-    for kind in STEP_KINDS:
-        m = kinds == kind
-        order = np.argsort(start[m], kind="stable")
-        t_k = start[m][order]
-        cw = np.concatenate([[0.0], np.cumsum(wall[m][order])])  # window sums from cumulative sums
-        cp = np.concatenate([[0.0], np.cumsum(price[m][order])])
-        lo = np.searchsorted(t_k, times - window_s / 2, side="left")
-        hi = np.searchsorted(t_k, times + window_s / 2, side="right")
-        lv = np.full(len(times), np.nan)
-        ok = (hi > lo) & (cp[hi] - cp[lo] > 0)
-        lv[ok] = (cw[hi] - cw[lo])[ok] / (cp[hi] - cp[lo])[ok]
-        have = np.flatnonzero(np.isfinite(lv))
-        if not len(have):
-            lv[:] = 1.0
-        else:  # the nearest time with a step of this kind
-            j = np.arange(len(times))
-            k = np.searchsorted(have, j)
-            left, right = have[np.clip(k - 1, 0, len(have) - 1)], have[np.clip(k, 0, len(have) - 1)]
-            lv = lv[np.where(j - left <= right - j, left, right)]
-        levels[kind] = lv.tolist()
-    return SpeedTrack(times.tolist(), levels, window_s)
-
-
-class SpeedTrackedCostModel:
-    """`base`'s price times the tracked speed of the step's kind at the simulation time the step starts
-    (`SpeedTrack`, nearest point; the clock comes from `simulate` through `bind_clock`). Without a bound
-    clock it prices at time 0."""
-
-    def __init__(self, base, track: SpeedTrack) -> None:
-        self.base = base
-        self.track = track
-        self._times = np.asarray(track.times_s, dtype=float)
-        self._levels = {k: np.asarray(v, dtype=float) for k, v in track.levels.items()}
-        self._now = lambda: 0.0
-        self.name = f"{getattr(base, 'name', 'cost model')} x speed tracked over the replay ({track.window_s:g}-s window)"
-
-    def bind_clock(self, now) -> None:
-        self._now = now
-
-    def _level(self, kind: str) -> float:
-        ts, now = self._times, self._now()
-        i = int(np.searchsorted(ts, now))  # ts[i - 1] < now <= ts[i]: the nearer of the two
-        if i == len(ts) or (i > 0 and now - ts[i - 1] < ts[i] - now):
-            i -= 1
-        return float(self._levels[kind][i])
-
-    def step_time_s(self, num_prefill_tokens, prefill_context, num_decodes, decode_context_sum, batch_size) -> float:
-        t = self.base.step_time_s(num_prefill_tokens, prefill_context, num_decodes, decode_context_sum, batch_size)
-        kind = ("mixed" if num_decodes > 0 else "prefill") if num_prefill_tokens > 0 else "decode"
-        return t * self._level(kind)
-
-    def step_times_s(self, num_prefill_tokens, prefill_context, num_decodes, decode_context_sum, batch_size):
-        t = np.asarray(self.base.step_times_s(num_prefill_tokens, prefill_context, num_decodes, decode_context_sum,
-                                              batch_size), dtype=float)
-        kinds = step_kind(np.broadcast_to(np.asarray(num_prefill_tokens), t.shape),
-                          np.broadcast_to(np.asarray(num_decodes), t.shape))
-        lv = {k: self._level(k) for k in STEP_KINDS}
-        return t * np.where(kinds == "prefill", lv["prefill"], np.where(kinds == "decode", lv["decode"], lv["mixed"]))
-
-    def num_kv_blocks(self, block_size: int):
-        return self.base.num_kv_blocks(block_size)
-
-    def model_load_s(self) -> float:
-        return self.base.model_load_s()

@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.compare import compare_run, error_table, plot_cdfs, plot_over_time
 from experiments.live.calibration import (
-    ReferenceSteps, ScaledCostModel, SpeedCalibration, SpeedTrackedCostModel, calibrate_speed, pooled,
-    step_price_errors, track_speed,
+    ReferenceSteps, ScaledCostModel, SpeedCalibration, calibrate_speed, pooled, step_price_errors,
 )
+from experiments.live.speed_track import SpeedTrackedCostModel, track_speed
 from experiments.live.inprocess import InProcessConfig, InProcessEngine
 from experiments.live.server import ServerError
 from experiments.live.simulate import (
