@@ -20,6 +20,7 @@ Exit status: 0 ok, 1 an error beyond the tolerance, 2 bad input, 3 the live side
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -38,9 +39,11 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.app import hydra_app
 from experiments.compare import compare_run, error_table, live_tbt_samples, plot_cdfs, plot_over_time, throughput
 from experiments.live.client import LiveRun, ReplayConfig, idle_health_rtt, replay, scrape_once, wait_idle
-from experiments.live.inprocess_mode import run_inprocess
+from experiments.live.calibration import step_price_errors
+from experiments.live.inprocess_mode import run_inprocess, track_window_s
 from experiments.live.metrics import cache_config
 from experiments.live.server import LiveServer, ServerConfig, ServerError
+from experiments.live.speed_track import simulate_tracked
 from experiments.live.simulate import (  # noqa: F401 - re-exported: the names tests and docs use
     PERCENTILE_KEYS, TARGET, EngineFacts, Report, ServingOverheadCostModel, _clean, engine_replica, live_noise,
     machine_state, noise_accounting, simulate_like_engine, target_counts, tolerance_violations, usable_kv_blocks,
@@ -49,6 +52,8 @@ from experiments.live.simulate import (  # noqa: F401 - re-exported: the names t
 from experiments.live.workloads import (  # noqa: F401 - re-exported
     ARRIVAL_PROCESSES, RequestPool, ShapeSpec, burst_workload, fixed_saturation, load_pool, run_workload,
 )
+from profiler.steplog import ENV as STEP_LOG_ENV
+from profiler.steplog import read_steps
 from sim.errors import InputError
 from sim.metrics import tbt_samples
 from sim.paths import project_path
@@ -59,6 +64,9 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------- the app
+
+STEP_LOG = "engine_steps.csv"
+"""The served engine core's step log (`profiler.steplog`), in the output folder (server mode)."""
 
 MODES = ("inprocess", "server")
 """inprocess: vLLM's engine stepped in this process, engine-side timestamps (the default);
@@ -166,6 +174,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> ValidationResult:
     old_nice = _set_nice(cfg.get("nice"))
     report.data["nice"] = cfg.get("nice")
     report.data["nice_applied"] = old_nice is not None
+    scfg = dataclasses.replace(scfg, env={STEP_LOG_ENV: str((out / STEP_LOG).resolve()), **scfg.env})  # step log
     server = _start_server(cfg, scfg, out)
     try:
         server.start()
@@ -467,6 +476,7 @@ def _one_run(cfg, label, workload_name, load, wl, server, scfg, rcfg, vocab, cos
         raw = simulate_like_engine(cfg, sent, replica, base)
         res["errors_uncalibrated"] = compare_run(live.requests, raw.requests, raw.steps, None,
                                                  workload=workload_name, load=load, extra=extra)["errors"]
+    tsim = _served_steps(cfg, res, live, out, run_dir, base, sent, replica, frontend_s, workload_name, load, extra)
     res.update(label=label, live_wall_s=live.wall_s, client_overhead=live.overhead, engine_counters=live.counters,
                machine=machine, machine_after=machine_state(),
                request_failures=live.requests.loc[live.requests["outcome"] != FINISHED, "reject_reason"]
@@ -482,8 +492,39 @@ def _one_run(cfg, label, workload_name, load, wl, server, scfg, rcfg, vocab, cos
         title = f"{label}: live vLLM vs slosim ({len(wl)} requests)"
         plot_cdfs(live.requests, sim_seen, sim.steps, run_dir / "cdf.png", title)
         plot_over_time(live.requests, sim_seen, sim.steps, live.gauges, run_dir / "over_time.png", title)
+        if tsim is not None:
+            plot_cdfs(live.requests, with_frontend_latency(tsim.requests, frontend_s), tsim.steps,
+                      run_dir / "cdf_tracked.png", f"{title}, speed-tracked")
     (run_dir / "comparison.json").write_text(json.dumps(_clean(res), indent=2, allow_nan=False) + "\n")
     return res
+
+
+def _served_steps(cfg, res, live: LiveRun, out: Path, run_dir: Path, profile, sent, replica, frontend_s,
+                  workload_name, load, extra):
+    """The served engine's own steps over the replay (its engine core's step log, `profiler.steplog`):
+    written to steps_live.parquet, priced by the profile (`step_price_error`) and, with tracking on, the
+    speed-tracked view (`errors_tracked`, the profile priced at the engine's measured speed per kind, plus
+    the front-end latency). Returns the tracked SimResult, or None (no log, or tracking off: said in
+    `res["step_log"]`)."""
+    steps = read_steps(out / STEP_LOG, live.t0_monotonic, live.wall_s)
+    res["step_log"] = {"path": STEP_LOG, "num_steps": int(len(steps)),
+                       "num_steps_metrics": live.counters.get("num_steps")}
+    if steps.empty:
+        res["step_log"]["missing"] = (f"no engine steps in {out / STEP_LOG}: is slosim installed in the server's "
+                                      "Python (pip install -e .), so that vLLM loads its step-log plugin?")
+        log.warning("%s", res["step_log"]["missing"])
+        return None
+    steps.to_parquet(run_dir / "steps_live.parquet", index=False)
+    res["step_price_error"] = {"uncalibrated": step_price_errors(steps, profile)}
+    window = track_window_s(cfg)
+    if window is None:
+        return None
+    track, tsim = simulate_tracked(cfg, steps, profile, sent, replica, window_s=window)
+    tsim.requests.to_parquet(run_dir / "requests_sim_tracked.parquet", index=False)
+    res["errors_tracked"] = compare_run(live.requests, with_frontend_latency(tsim.requests, frontend_s), tsim.steps,
+                                        None, workload=workload_name, load=load, extra=extra)["errors"]
+    res["speed"] = {"mode": "none", "track": track.to_dict()}
+    return tsim
 
 
 def _print_run(res: dict) -> None:
@@ -504,6 +545,14 @@ def _print_run(res: dict) -> None:
           f"{1e3 * _nz(oh['loop_lag_s']['p99']):.2f} ms, cpu {100 * _nz(oh['client_cpu_fraction']):.1f}% of a core, "
           f"client-server mean TTFT {1e3 * _nz(oh.get('client_minus_server_ttft_s')):.2f} ms; "
           f"load avg {res['machine']['loadavg_1m']:.2f}")
+    if res.get("errors_tracked"):
+        c = target_counts(res["errors_tracked"])
+        print(f"  speed-tracked (the engine core's own step log over the replay), {c['within_target']}/"
+              f"{c['comparisons']} within target (5/5/10%):")
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            print(error_table(res["errors_tracked"]).to_string())
+    elif (res.get("step_log") or {}).get("missing"):
+        print(f"  no speed-tracked view: {res['step_log']['missing']}")
 
 
 def _nz(x) -> float:

@@ -114,6 +114,23 @@ class Observed:
     """A request past its prompt was scheduled more than one token (speculation; never expected)."""
 
 
+def observe_schedule(out, requests) -> Observed:
+    """What one `SchedulerOutput` of vLLM's v1 scheduler holds: its prefill chunks and decoding requests
+    (`requests`: the scheduler's request map, for each request's prompt length)."""
+    computed = {r.req_id: r.num_computed_tokens for r in out.scheduled_new_reqs}
+    cached = out.scheduled_cached_reqs
+    computed.update(zip(cached.req_ids, cached.num_computed_tokens))
+    chunks, decodes, odd = [], {}, False
+    for rid, n in out.num_scheduled_tokens.items():
+        ctx = int(computed[rid])
+        if ctx >= requests[rid].num_prompt_tokens:
+            decodes[rid] = ctx
+            odd |= n != 1
+        else:
+            chunks.append((int(n), ctx))
+    return Observed(tuple(sorted(chunks)), decodes, odd)
+
+
 class VllmStepDriver:
     """An in-process vLLM engine whose steps we compose and time. One per process at a time."""
 
@@ -186,18 +203,7 @@ class VllmStepDriver:
     # ---- primitives -------------------------------------------------------------------
 
     def _observe(self, out) -> Observed:
-        computed = {r.req_id: r.num_computed_tokens for r in out.scheduled_new_reqs}
-        cached = out.scheduled_cached_reqs
-        computed.update(zip(cached.req_ids, cached.num_computed_tokens))
-        chunks, decodes, odd = [], {}, False
-        for rid, n in out.num_scheduled_tokens.items():
-            ctx = int(computed[rid])
-            if ctx >= self.scheduler.requests[rid].num_prompt_tokens:
-                decodes[rid] = ctx
-                odd |= n != 1
-            else:
-                chunks.append((int(n), ctx))
-        return Observed(tuple(sorted(chunks)), decodes, odd)
+        return observe_schedule(out, self.scheduler.requests)
 
     def add_request(self, prompt_len: int, max_tokens: int) -> str:
         """Queue a request of random prompt tokens; returns the engine's internal request id."""

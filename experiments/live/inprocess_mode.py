@@ -23,7 +23,7 @@ from experiments.compare import compare_run, error_table, plot_cdfs, plot_over_t
 from experiments.live.calibration import (
     ReferenceSteps, ScaledCostModel, SpeedCalibration, calibrate_speed, pooled, step_price_errors,
 )
-from experiments.live.speed_track import SpeedTrackedCostModel, track_speed
+from experiments.live.speed_track import simulate_tracked
 from experiments.live.inprocess import InProcessConfig, InProcessEngine
 from experiments.live.server import ServerError
 from experiments.live.simulate import (
@@ -301,10 +301,7 @@ def one_run(cfg, label, workload_name, load, wl, engine: InProcessEngine, replic
     if window is not None:
         # the engine's own speed over the replay (its steps against the calibrated prices): the simulator
         # checked on its scheduling, batching, KV and queueing given the engine's speed at each moment
-        track = track_speed(live.steps, cost_model, window_s=window)
-        tracked = SpeedTrackedCostModel(cost_model, track)
-        tcfg = OmegaConf.merge(cfg, {"sim": {"fast_forward": False}})  # every step priced at its own start
-        tsim = simulate_like_engine(tcfg, sent, replica, tracked)
+        track, tsim = simulate_tracked(cfg, live.steps, cost_model, sent, replica, window_s=window)
         tsim.requests.to_parquet(run_dir / "requests_sim_tracked.parquet", index=False)
         res["errors_tracked"] = compare_run(live.requests, tsim.requests, tsim.steps, None, workload=workload_name,
                                             load=load, extra=extra)["errors"]

@@ -119,3 +119,16 @@ class SpeedTrackedCostModel:
 
     def model_load_s(self) -> float:
         return self.base.model_load_s()
+
+
+def simulate_tracked(cfg, steps: pd.DataFrame, cost_model, requests: pd.DataFrame, replica, *, window_s: float):
+    """(track, SimResult): `requests` simulated on `replica` with `cost_model` priced at the speed `steps`
+    (the engine's own step table over the replay) show per kind (`track_speed`, `SpeedTrackedCostModel`),
+    without fast-forward so that every step is priced at its own start. Used by both validation modes."""
+    from omegaconf import OmegaConf
+
+    from experiments.live.simulate import simulate_like_engine
+
+    track = track_speed(steps, cost_model, window_s=window_s)
+    tcfg = OmegaConf.merge(cfg, {"sim": {"fast_forward": False}})
+    return track, simulate_like_engine(tcfg, requests, replica, SpeedTrackedCostModel(cost_model, track))
