@@ -6,7 +6,7 @@ BASE   := $(VENV)/.installed-base
 FULL   := $(VENV)/.installed-full
 
 .PHONY: demo test test-ray fuzz bench bench-instructions reproduce reproduce-qlm reproduce-oserve plan-checks \
-        validate validate-noise validate-priority clean
+        validate validate-server validate-noise validate-priority clean
 
 # The simulator and its apps (no torch, no vLLM).
 $(BASE): pyproject.toml
@@ -75,6 +75,11 @@ test-ray: $(FULL)
 # reference steps before each replay) vs the simulator, 3 loads x 2 shapes; docs/validation.md
 validate: $(FULL)
 	$(PY) -m experiments.validate tolerance.p50=0.05 tolerance.p90=0.05 tolerance.p99=0.10 nice=-10
+
+# The end-to-end path: vLLM's OpenAI server and an HTTP client, the engine core's steps logged
+# (profiler/steplog.py) for the speed-tracked view, 3 loads x 2 shapes (about 9 min)
+validate-server: $(FULL)
+	$(PY) -m experiments.validate tolerance.p50=0.05 tolerance.p90=0.05 tolerance.p99=0.10 nice=-10 mode=server
 
 # The live-vs-live noise of the CI live test's workload (three identical replays; about 4 min)
 validate-noise: $(FULL)

@@ -506,8 +506,15 @@ def _served_steps(cfg, res, live: LiveRun, out: Path, run_dir: Path, profile, se
     speed-tracked view (`errors_tracked`, the profile priced at the engine's measured speed per kind, plus
     the front-end latency). Returns the tracked SimResult, or None (no log, or tracking off: said in
     `res["step_log"]`)."""
-    steps = read_steps(out / STEP_LOG, live.t0_monotonic, live.wall_s)
+    try:
+        steps = read_steps(out / STEP_LOG, live.t0_monotonic, live.wall_s)
+    except ValueError as e:  # a damaged log costs the tracked view of this replay, not the run
+        res["step_log"] = {"path": STEP_LOG, "missing": str(e)}
+        log.warning("%s", e)
+        return None
     res["step_log"] = {"path": STEP_LOG, "num_steps": int(len(steps)),
+                       # vLLM's /metrics count only steps that sent outputs (profiler.steplog.COLUMNS)
+                       "num_steps_with_outputs": int((steps["num_outputs"] > 0).sum()),
                        "num_steps_metrics": live.counters.get("num_steps")}
     if steps.empty:
         res["step_log"]["missing"] = (f"no engine steps in {out / STEP_LOG}: is slosim installed in the server's "

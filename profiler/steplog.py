@@ -19,8 +19,10 @@ import time
 
 ENV = "SLOSIM_STEP_LOG"
 COLUMNS = ("start_mono_s", "end_mono_s", "cpu_s", "num_prefill_tokens", "prefill_context", "num_decodes",
-           "decode_context_sum", "batch_size", "num_prefill_chunks")
-"""The log's columns, in order (a header row names them)."""
+           "decode_context_sum", "batch_size", "num_prefill_chunks", "num_outputs")
+"""The log's columns, in order (a header row names them). `num_outputs`: the per-request outputs the step
+sent to the front end; vLLM's own iteration counter (`vllm:iteration_tokens_total`) counts only steps
+with some, so a prefill chunk that completes no prompt is a logged step it does not count."""
 
 
 def register() -> None:
@@ -49,6 +51,7 @@ def register() -> None:
             from profiler.measure import observed_numbers
 
             f = observed_numbers(obs.chunks, list(obs.decodes.values()))
+            f["num_outputs"] = sum(len(o.outputs) for o in (out[0] or {}).values())
             state["file"].write(",".join(map(str, (f"{t0:.6f}", f"{t1:.6f}", f"{c1 - c0:.6f}",
                                                    *(f[c] for c in COLUMNS[3:])))) + "\n")
         return out
@@ -83,12 +86,12 @@ def read_steps(path, t0_monotonic: float, wall_s: float):
     """The steps of the log at `path` that started within a replay that began at `t0_monotonic` and ran
     `wall_s` seconds, as a step table on the replay's clock (the in-process replay's columns:
     start_s, end_s, the five cost-model features, num_prefill_chunks, cpu_s, wall_s; output_ts_s is
-    the step's end). An empty table when the log is missing or holds none (the caller says so);
+    the step's end; plus num_outputs). An empty table when the log is missing or holds none (the caller says so);
     ValueError naming the file for a log that cannot be parsed."""
     import pandas as pd
 
     cols = ["start_s", "end_s", "output_ts_s", "num_prefill_tokens", "prefill_context", "num_decodes",
-            "decode_context_sum", "batch_size", "num_prefill_chunks", "cpu_s", "wall_s"]
+            "decode_context_sum", "batch_size", "num_prefill_chunks", "cpu_s", "wall_s", "num_outputs"]
     try:
         df = pd.read_csv(path)
     except FileNotFoundError:

@@ -203,6 +203,9 @@ def test_step_log_plugin_records_each_engine_step_as_the_scheduler_ran_it(vllm_d
              "num_prefill_chunks"]
     assert steps[feats].to_dict("records") == seen
     assert (steps["wall_s"] > 0).all() and (steps["cpu_s"] > 0).all()
+    # every step sends an output, except a prefill chunk that completes no prompt (in a step without decodes)
+    no_output = (steps["num_decodes"] == 0) & (steps["num_prefill_chunks"] > 0)
+    assert (steps.loc[~no_output, "num_outputs"] > 0).all()
     assert steps["start_s"].is_monotonic_increasing and 0 <= steps["start_s"].min()
     assert steps["end_s"].max() <= wall and (steps["start_s"].iloc[1:].to_numpy() >= steps["end_s"].iloc[:-1]).all()
     # rows outside the replay's window are not its steps
@@ -213,8 +216,8 @@ def test_step_log_reader_slices_by_the_replay_clock_and_names_a_bad_file(tmp_pat
     from profiler import steplog
 
     path = tmp_path / "engine_steps.csv"
-    rows = [(100.0, 100.02, 0.019, 0, 0, 4, 400, 4, 0), (100.5, 100.6, 0.1, 256, 0, 2, 300, 3, 1),
-            (103.0, 103.01, 0.01, 0, 0, 1, 90, 1, 0)]
+    rows = [(100.0, 100.02, 0.019, 0, 0, 4, 400, 4, 0, 4), (100.5, 100.6, 0.1, 256, 0, 2, 300, 3, 1, 2),
+            (103.0, 103.01, 0.01, 0, 0, 1, 90, 1, 0, 1)]
     pd.DataFrame(rows, columns=steplog.COLUMNS).to_csv(path, index=False)
     got = steplog.read_steps(path, 100.4, 2.0)  # only the step that started within [100.4, 102.4]
     assert len(got) == 1 and got.loc[0, "num_prefill_tokens"] == 256

@@ -169,6 +169,9 @@ FAKE_SERVER = textwrap.dedent('''
     per_token_s = float(os.environ.get("FAKE_TOKEN_S", "0.002"))
     port = int(sys.argv[1])
     state = {"running": 0, "served": 0, "first_token_sum": 0.0, "itl_sum": 0.0, "itl_count": 0}
+    if mode == "bad_step_log":  # an engine core whose step log (profiler.steplog) is damaged
+        with open(os.environ["SLOSIM_STEP_LOG"], "w") as f:
+            f.write("garbage,header\\n1,2\\n")
     if mode == "exit_at_start":
         print("fake: engine core failed to start: out of memory", flush=True)
         sys.exit(7)
@@ -391,6 +394,19 @@ def test_validate_app_end_to_end_against_a_fake_server(fake_server_script, tmp_p
         assert (run_dir / name).exists(), name
     live = pd.read_parquet(run_dir / "requests_live.parquet")
     assert len(live["token_times_s"].iloc[0]) == live["num_output_tokens"].iloc[0]
+    # a server without slosim's step-log plugin: no speed-tracked view, said in the report (the exit
+    # status then checks the as-simulated errors, as the violations above)
+    assert "step-log plugin" in run0["step_log"]["missing"] and "errors_tracked" not in run0
+    assert data["tolerance_view"] == "calibrated"
+
+
+@pytest.mark.skipif(not TRACE.exists(), reason=f"Azure trace not found at {TRACE}")
+def test_a_damaged_engine_step_log_costs_the_tracked_view_not_the_run(fake_server_script, tmp_path):
+    run(_validate_cfg(tmp_path, fake_server_script, "bad_step_log"), tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "validation.json").read_text())
+    assert data["status"] == "ok" and len(data["errors"]) == 12
+    missing = data["runs"][0]["step_log"]["missing"]
+    assert "engine_steps.csv" in missing and "columns" in missing
 
 
 @pytest.mark.slow

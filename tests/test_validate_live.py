@@ -178,10 +178,12 @@ def test_short_live_validation_against_vllm(tmp_path):
     errors = {(e["metric"], e["percentile"]): round(e["rel_error"], 3) for e in data["errors"]}
     assert run0["e2e_correlation"]["pearson"] >= SERVER_MIN_E2E_CORRELATION, run0["e2e_correlation"]
     # the served engine core logged every step it ran (profiler.steplog, loaded by vLLM as a plugin):
-    # as many as vLLM's own iteration counter says, within the few steps its /metrics lag by
+    # the steps that sent outputs are the ones vLLM's own iteration counter counts (the others ran a
+    # prefill chunk that completed no prompt)
     sl = run0["step_log"]
     assert "missing" not in sl and sl["num_steps"] > 100, sl
-    assert abs(sl["num_steps"] - sl["num_steps_metrics"]) <= max(5, 0.01 * sl["num_steps"]), sl
+    assert sl["num_steps"] >= sl["num_steps_with_outputs"], sl
+    assert abs(sl["num_steps_with_outputs"] - sl["num_steps_metrics"]) <= 2, sl
     steps = pd.read_parquet(tmp_path / run0["label"] / "steps_live.parquet")
     assert (steps["wall_s"] > 0).all() and steps["start_s"].is_monotonic_increasing
     # the speed-tracked view (the engine core's own speed per step kind over the replay) is the gate
