@@ -254,6 +254,13 @@ def _finish(report: Report, cfg: DictConfig, t_start: float) -> None:
                              "uncalibrated": target_counts(uncal),
                              "within_noise": report.data["noise_accounting"]["counts"]}
     report.data["void_runs"] = {r["label"]: r["void"] for r in runs if r.get("void")}
+    sr = [r["step_replay"] for r in runs if r.get("step_replay")]
+    if sr:  # in-process: the scheduling checked step by step on the engine's own step times
+        report.data["step_replay"] = {
+            "identical_steps": sum(x["identical_steps"] for x in sr),
+            "num_steps": sum(min(x["num_steps_live"], x["num_steps_sim"]) for x in sr),
+            "preemptions_live": sum(x["preemptions_live"] for x in sr),
+            "preemptions_sim": sum(x["preemptions_sim"] for x in sr)}
     if any(r.get("per_class") for r in runs):
         pc = [e for r in runs for c in (r.get("per_class") or {}).values() for e in c["errors"]]
         report.data["counts"]["per_class"] = target_counts(pc)
@@ -614,6 +621,11 @@ def main(cfg: DictConfig) -> None:
                   f"{c['tracked']['comparisons']}"
                   + (f"; per class {c['per_class_tracked']['within_target']} / "
                      f"{c['per_class_tracked']['comparisons']}" if "per_class_tracked" in c else ""))
+        sr = data.get("step_replay")
+        if sr:
+            print(f"step replay (the simulator on the engine's own step times): {sr['identical_steps']} / "
+                  f"{sr['num_steps']} steps with the same tokens and batch size; preemptions live "
+                  f"{sr['preemptions_live']}, simulated {sr['preemptions_sim']}")
         wn = c["within_noise"]
         if wn["comparisons"]:
             print(f"over repeats, against the live median: within noise {wn['within_noise']} / {wn['comparisons']}, "

@@ -183,6 +183,7 @@ def test_reference_steps_fit_the_token_budget():
     (["calibration.max_drift=abc"], "calibration.max_drift"),
     (["calibration.min_cpu_fraction=1.5"], "calibration.min_cpu_fraction"),
     (["calibration.track.enabled=maybe"], "calibration.track.enabled"),
+    (["step_replay=sometimes"], "step_replay"),
     (["calibration.reference.mixed_chunks=[9999]"], "calibration.reference.mixed_chunks"),
     (["calibration.reference.decode_batches=[0]"], "calibration.reference.decode_batches"),
     (["calibration.reference.decode_batches=[]"], "calibration.reference.decode_batches"),
@@ -261,3 +262,56 @@ def test_a_tracked_cost_model_is_priced_on_the_simulation_clock():
     res = simulate(wl, [spec], RoundRobin(), fast_forward=False)
     e2e = res.requests.sort_values("arrival_s")["e2e_s"].to_numpy()
     assert e2e[1] == pytest.approx(1.3 * e2e[0])
+
+
+def _sim_steps_as_live(sim) -> pd.DataFrame:
+    """A simulated step table in the live step table's columns (what an engine that behaved exactly as the
+    simulator would have recorded)."""
+    st = sim.steps.rename(columns={"duration_s": "wall_s"})
+    return st[["start_s", "wall_s", "num_prefill_tokens", "prefill_context", "num_decodes", "decode_context_sum",
+               "batch_size"]]
+
+
+@pytest.mark.skipif(not TRACE.exists(), reason=f"Azure trace not found at {TRACE}")
+@pytest.mark.parametrize("policy,kv_blocks", [("fcfs", 1023), ("fcfs", 24), ("vllm_priority", 20)])
+def test_step_replay_reproduces_an_engine_that_schedules_as_the_simulator(policy, kv_blocks):
+    """An "engine" that is the simulator itself (its steps as the live table) is reproduced step for step,
+    preemptions included, on plenty of KV and under KV starvation (preemption storms); and a replay
+    whose engine scheduled differently is caught at the step where it did."""
+    from omegaconf import open_dict
+
+    from experiments.live.simulate import EngineFacts, engine_replica, simulate_like_engine
+    from experiments.live.step_replay import step_replay
+    from experiments.live.workloads import ShapeSpec, load_pool, run_workload
+    from sim.scheduling import EngineLimits
+
+    over = [f"policy={policy}"] + (["priority.enabled=true"] if policy == "vllm_priority" else [])
+    cfg = compose_validate(over)
+    with open_dict(cfg):
+        cfg.sim.fast_forward = False
+        if policy == "vllm_priority":
+            cfg.policy.priorities = {"high": 0, "low": 1}
+    limits = EngineLimits(max_num_seqs=128, max_num_batched_tokens=512, max_model_len=8192, enable_chunked_prefill=True)
+    replica = engine_replica(cfg, EngineFacts(kv_blocks, 128, limits))
+    pool = load_pool(ShapeSpec("conv", str(TRACE)), 8192)
+    wl = run_workload(pool, 6.0, 150, "poisson", 3)
+    wl["qos_class"] = np.where(np.arange(len(wl)) % 3 == 0, "high", "low")
+    # exact ties too: a burst of requests arriving at the same instant
+    wl.loc[40:49, "arrival_s"] = wl["arrival_s"].iloc[40]
+    live = simulate_like_engine(cfg, wl, replica)
+    pre = int(live.requests["num_preemptions"].sum())
+    if kv_blocks < 100:
+        assert pre > 5  # the starved cases do reach preemption
+    res = step_replay(cfg, _sim_steps_as_live(live), wl, replica, pre)
+    assert res["first_divergence_step"] is None and res["identical_steps"] == res["num_steps_live"] == res["num_steps_sim"]
+    assert res["preemptions_sim"] == res["preemptions_live"] == pre
+    # an engine that served in another order (FCFS here vs priority, or priority vs FCFS) is told apart
+    other = "vllm_priority" if policy == "fcfs" else "fcfs"
+    ocfg = compose_validate([f"policy={other}"] + (["priority.enabled=true"] if other == "vllm_priority" else []))
+    with open_dict(ocfg):
+        ocfg.sim.fast_forward = False
+        if other == "vllm_priority":
+            ocfg.policy.priorities = {"high": 0, "low": 1}
+    olive = simulate_like_engine(ocfg, wl, engine_replica(ocfg, EngineFacts(kv_blocks, 128, limits)))
+    ores = step_replay(cfg, _sim_steps_as_live(olive), wl, replica, int(olive.requests["num_preemptions"].sum()))
+    assert ores["first_divergence_step"] is not None and ores["share_identical"] < 1.0

@@ -45,6 +45,12 @@ rests on one request and is printed, not asserted."""
 
 TRACKED_MIN_E2E_CORRELATION = 0.95
 
+STEP_REPLAY_MIN_SHARE = 0.95
+"""Share of steps the simulator, run on the engine's own step times (`step_replay`), composes exactly as
+the engine did (same tokens, same batch size). Measured 2026-12-01: 99.6-100% in four full replays and
+99.7-99.8% in two priority replays under KV starvation; the shortfall is where an arrival or a one-token
+prompt falls differently, and the two re-synchronise within steps at light load."""
+
 MAX_SPEED_DRIFT = 0.05
 MAX_CONTENDED_SHARE = 0.05
 """`make validate`'s limits (conf/validate.yaml calibration.max_drift / max_contended_time_share): a
@@ -119,6 +125,12 @@ def test_short_inprocess_validation_against_vllm(tmp_path):
             assert set(sp["scale_by_kind"]) == {"prefill", "decode", "mixed"}
             assert all(0.2 < v < 5 for v in sp["scale_by_kind"].values()), sp["scale_by_kind"]
             assert len(sp["scale_by_size"]["decode"]) >= 3 and sp["drift"] is not None and np.isfinite(sp["drift"])
+            # on the engine's own step times the simulator scheduled (nearly) every step as the engine did:
+            # 99.6-100% of steps in the full runs measured (docs/validation.md, "Step replay"); a step or two
+            # differ where a one-token prompt or an arrival within 0.1 ms of a step start falls differently
+            sr = res["step_replay"]
+            assert sr["share_identical"] >= STEP_REPLAY_MIN_SHARE and sr["num_steps_live"] > 100, sr
+            assert sr["preemptions_sim"] == sr["preemptions_live"], sr
             calibrated = {(e["metric"], e["percentile"]): round(e["rel_error"], 3) for e in res["errors"]}
             tracked = {(e["metric"], e["percentile"]): round(e["rel_error"], 3) for e in res["errors_tracked"]}
             assert len(calibrated) >= 12 and all(np.isfinite(v) for v in calibrated.values()), calibrated

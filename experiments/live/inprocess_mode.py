@@ -24,6 +24,7 @@ from experiments.live.calibration import (
     ReferenceSteps, ScaledCostModel, SpeedCalibration, calibrate_speed, pooled, step_price_errors,
 )
 from experiments.live.speed_track import simulate_tracked
+from experiments.live.step_replay import step_replay
 from experiments.live.inprocess import InProcessConfig, InProcessEngine
 from experiments.live.server import ServerError
 from experiments.live.simulate import (
@@ -94,6 +95,8 @@ def check_calibration(cfg: DictConfig) -> None:
                              field=f"calibration.{key}", value=v)
     reference_steps(cfg).check_budget(int(cfg.server.max_num_batched_tokens))
     track_window_s(cfg)
+    if not isinstance(cfg.get("step_replay", True), bool):
+        raise InputError("must be true or false", field="step_replay", value=cfg.get("step_replay"))
 
 
 def track_window_s(cfg: DictConfig) -> float | None:
@@ -310,6 +313,8 @@ def one_run(cfg, label, workload_name, load, wl, engine: InProcessEngine, replic
         if classes:
             res["per_class_tracked"] = per_class(live.requests, tsim.requests, tsim.steps, workload_name, load,
                                                  extra, classes)
+    if bool(cfg.get("step_replay", True)):  # the scheduling checked step by step on the engine's own step times
+        res["step_replay"] = step_replay(cfg, live.steps, sent, replica, live.counters["num_preemptions"])
     res.update(label=label, mode="inprocess", live_wall_s=live.wall_s, replay_overhead=live.overhead,
                engine_counters=live.counters, machine=machine, machine_after=machine_after,
                request_failures=live.requests.loc[live.requests["outcome"] != FINISHED, "reject_reason"]
@@ -383,6 +388,13 @@ def print_run(res: dict) -> None:
           f"preemptions live {res['steps']['live_num_preemptions']} sim {res['steps']['sim_num_preemptions']}")
     if res.get("void"):
         print(f"  VOID for a 5% claim: {'; '.join(res['void'])}")
+    sr = res.get("step_replay")
+    if sr:
+        where = ("every step" if sr["first_divergence_step"] is None else
+                 f"first divergence at step {sr['first_divergence_step']} (t={sr['first_divergence_s']:.2f} s)")
+        print(f"  step replay (the engine's own step times): {sr['identical_steps']}/{min(sr['num_steps_live'], sr['num_steps_sim'])}"
+              f" steps with the same tokens and batch size, {where}; preemptions live {sr['preemptions_live']} "
+              f"sim {sr['preemptions_sim']}")
     if before:
         drift = sp.get("drift")
         print(f"  speed scale ({sp.get('mode')}, {sp.get('used', 'before')}) prefill {before['prefill']:.3f} "
