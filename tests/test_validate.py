@@ -158,6 +158,26 @@ def test_workload_scaling_and_rate():
         ShapeSpec("x", str(TRACE), prompt_scale=0)
 
 
+@pytest.mark.skipif(not TRACE.exists(), reason=f"Azure trace not found at {TRACE}")
+def test_load_runs_give_each_load_its_clipped_workload_and_label_each_repeat():
+    from experiments.live.inprocess_mode import with_classes
+    from experiments.live.workloads import load_runs
+
+    pool = load_pool(ShapeSpec("conv", str(TRACE)), 8192)
+    cfg = OmegaConf.create({"duration_s": 10, "min_requests": 30, "max_requests": 60, "arrivals": "poisson",
+                            "seed": 1, "repeats": 2})
+    runs = list(load_runs(cfg, pool, 4.0, [0.5, 3.0]))
+    assert [r[3] for r in runs] == ["conv-load0.5-r0", "conv-load0.5-r1", "conv-load3-r0", "conv-load3-r1"]
+    assert [r[4] for r in runs] == [{"repeat": 0}, {"repeat": 1}] * 2
+    assert [len(r[2]) for r in runs] == [30, 30, 60, 60]  # 20 and 120 requests, clipped to [30, 60]
+    assert runs[0][2] is runs[1][2] and runs[2][1] == 12.0  # repeats replay the very same requests
+    classes = {"high": 0, "low": 1}
+    shaped = list(load_runs(OmegaConf.merge(cfg, {"repeats": 1}), pool, 4.0, [1.0],
+                            lambda w: with_classes(w, classes, 0.3, 1)))
+    assert shaped[0][3] == "conv-load1" and shaped[0][4] == {}
+    assert set(shaped[0][2]["qos_class"]) == {"high", "low"}
+
+
 # ------------------------------------------------------------------------------ fake server
 
 FAKE_SERVER = textwrap.dedent('''

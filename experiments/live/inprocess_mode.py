@@ -30,7 +30,7 @@ from experiments.live.server import ServerError
 from experiments.live.simulate import (
     EngineFacts, Report, _clean, engine_replica, machine_state, simulate_like_engine, target_counts, usable_kv_blocks,
 )
-from experiments.live.workloads import RequestPool, burst_workload, fixed_saturation, run_workload
+from experiments.live.workloads import RequestPool, burst_workload, fixed_saturation, load_runs
 from sim.errors import InputError
 from sim.request import FINISHED
 from sim.scheduling import EngineLimits
@@ -175,20 +175,15 @@ def run_inprocess(cfg: DictConfig, out: Path, report: Report, pools: list[Reques
             sat = _saturation(cfg, pool, engine, replica, base, ref, cal_mode, out, classes)
             report.data["saturation"][pool.name] = sat
             report.write()
-            for load in loads:
-                rate = load * sat["rate_qps"]
-                n = int(np.clip(round(rate * float(cfg.duration_s)), int(cfg.min_requests), int(cfg.max_requests)))
-                wl = with_classes(run_workload(pool, rate, n, str(cfg.arrivals), int(cfg.seed)), classes,
-                                  float((cfg.get("priority") or {}).get("first_class_share", 0.5)), int(cfg.seed))
-                for rep in range(int(cfg.repeats)):
-                    label = f"{pool.name}-load{load:g}" + (f"-r{rep}" if int(cfg.repeats) > 1 else "")
-                    extra = {"repeat": rep} if int(cfg.repeats) > 1 else {}
-                    res = one_run(cfg, label, pool.name, load, wl, engine, replica, base, ref, cal_mode, out, extra,
-                                  classes, plots=bool(cfg.plots))
-                    res["rate_qps"] = rate
-                    res["saturation_fraction"] = load
-                    report.add_run(res)
-                    print_run(res)
+            share = float((cfg.get("priority") or {}).get("first_class_share", 0.5))
+            for load, rate, wl, label, extra in load_runs(
+                    cfg, pool, sat["rate_qps"], loads, lambda w: with_classes(w, classes, share, int(cfg.seed))):
+                res = one_run(cfg, label, pool.name, load, wl, engine, replica, base, ref, cal_mode, out, extra,
+                              classes, plots=bool(cfg.plots))
+                res["rate_qps"] = rate
+                res["saturation_fraction"] = load
+                report.add_run(res)
+                print_run(res)
         report.data["status"] = "ok"
     finally:
         report.data["engine_pids_left_running"] = engine.stop()

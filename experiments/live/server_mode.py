@@ -34,7 +34,7 @@ from experiments.live.simulate import (
     target_counts, usable_kv_blocks, with_frontend_latency,
 )
 from experiments.live.speed_track import simulate_tracked
-from experiments.live.workloads import RequestPool, burst_workload, fixed_saturation, run_workload
+from experiments.live.workloads import RequestPool, burst_workload, fixed_saturation, load_runs
 from profiler.steplog import ENV as STEP_LOG_ENV
 from profiler.steplog import read_steps
 from sim.errors import InputError
@@ -82,19 +82,13 @@ def run_server(cfg: DictConfig, out: Path, report: Report, pools: list[RequestPo
             report.data["saturation"][pool.name] = sat
             report.write()
             rate_sat = sat["rate_qps"]
-            for load in loads:
-                rate = load * rate_sat
-                n = int(np.clip(round(rate * float(cfg.duration_s)), int(cfg.min_requests), int(cfg.max_requests)))
-                wl = run_workload(pool, rate, n, str(cfg.arrivals), int(cfg.seed))
-                for rep in range(int(cfg.repeats)):
-                    label = f"{pool.name}-load{load:g}" + (f"-r{rep}" if int(cfg.repeats) > 1 else "")
-                    extra = {"repeat": rep} if int(cfg.repeats) > 1 else {}
-                    res = _one_run(cfg, label, pool.name, load, wl, server, scfg, rcfg, vocab, cost_model,
-                                   replica, out, extra, frontend_s, plots=bool(cfg.plots))
-                    res["rate_qps"] = rate
-                    res["saturation_fraction"] = load
-                    report.add_run(res)
-                    _print_run(res)
+            for load, rate, wl, label, extra in load_runs(cfg, pool, rate_sat, loads):
+                res = _one_run(cfg, label, pool.name, load, wl, server, scfg, rcfg, vocab, cost_model,
+                               replica, out, extra, frontend_s, plots=bool(cfg.plots))
+                res["rate_qps"] = rate
+                res["saturation_fraction"] = load
+                report.add_run(res)
+                _print_run(res)
         report.data["status"] = "ok"
     finally:
         rc = server.stop()

@@ -113,6 +113,24 @@ def run_workload(pool: RequestPool, rate_qps: float, num_requests: int, arrivals
     return _requests(pool, arrival)
 
 
+
+def load_runs(cfg, pool: RequestPool, saturation_qps: float, loads: list[float], shape=None):
+    """The validation's replays of one workload shape, in order: for each load (a fraction of
+    `saturation_qps`) the workload of `rate x cfg.duration_s` requests (clipped to
+    [cfg.min_requests, cfg.max_requests]; arrivals `cfg.arrivals`, seed `cfg.seed`; passed through
+    `shape` when given), `cfg.repeats` times. Yields (load, rate_qps, workload, label, extra)."""
+    repeats = int(cfg.repeats)
+    for load in loads:
+        rate = load * saturation_qps
+        n = int(np.clip(round(rate * float(cfg.duration_s)), int(cfg.min_requests), int(cfg.max_requests)))
+        wl = run_workload(pool, rate, n, str(cfg.arrivals), int(cfg.seed))
+        if shape is not None:
+            wl = shape(wl)
+        for rep in range(repeats):
+            label = f"{pool.name}-load{load:g}" + (f"-r{rep}" if repeats > 1 else "")
+            yield load, rate, wl, label, ({"repeat": rep} if repeats > 1 else {})
+
+
 def fixed_saturation(sat: dict, pool: RequestPool) -> dict:
     """`saturation.method=fixed`: the rate given for this workload shape (`saturation.rates_qps`);
     InputError naming the key when it is missing or not positive."""
