@@ -42,6 +42,8 @@ def register() -> None:
         if state.get("scheduler") is not sched:  # first step of this engine core: observe its scheduler
             _observe_scheduler(sched, state)
             state["file"] = _open(path)
+        if state["file"] is None:  # the log could not be opened or written: the engine runs on, unlogged
+            return original(self)
         state["last"] = None
         c0, t0 = time.process_time(), time.monotonic()
         out = original(self)
@@ -52,8 +54,12 @@ def register() -> None:
 
             f = observed_numbers(obs.chunks, list(obs.decodes.values()))
             f["num_outputs"] = sum(len(o.outputs) for o in (out[0] or {}).values())
-            state["file"].write(",".join(map(str, (f"{t0:.6f}", f"{t1:.6f}", f"{c1 - c0:.6f}",
-                                                   *(f[c] for c in COLUMNS[3:])))) + "\n")
+            try:
+                state["file"].write(",".join(map(str, (f"{t0:.6f}", f"{t1:.6f}", f"{c1 - c0:.6f}",
+                                                       *(f[c] for c in COLUMNS[3:])))) + "\n")
+            except OSError as e:
+                _warn(f"cannot write the step log {path} ({e}); steps are no longer logged")
+                state["file"] = None
         return out
 
     step._slosim_step_log = True
@@ -75,11 +81,23 @@ def _observe_scheduler(sched, state: dict) -> None:
 
 
 def _open(path: str):
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    f = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open for the engine core's life
-    if new:
-        f.write(",".join(COLUMNS) + "\n")
-    return f
+    """The log opened for appending (a header first if it is new), or None with a warning on stderr (the
+    server's log) when it cannot be: a log that cannot be written must not stop the engine."""
+    try:
+        new = not os.path.exists(path) or os.path.getsize(path) == 0
+        f = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open for the engine core's life
+        if new:
+            f.write(",".join(COLUMNS) + "\n")
+        return f
+    except OSError as e:
+        _warn(f"cannot open the step log {ENV}={path} ({e}); steps are not logged")
+        return None
+
+
+def _warn(msg: str) -> None:
+    import sys
+
+    print(f"slosim step log: {msg}", file=sys.stderr, flush=True)
 
 
 def read_steps(path, t0_monotonic: float, wall_s: float):
@@ -87,19 +105,27 @@ def read_steps(path, t0_monotonic: float, wall_s: float):
     `wall_s` seconds, as a step table on the replay's clock (the in-process replay's columns:
     start_s, end_s, the five cost-model features, num_prefill_chunks, cpu_s, wall_s; output_ts_s is
     the step's end; plus num_outputs). An empty table when the log is missing or holds none (the caller says so);
-    ValueError naming the file for a log that cannot be parsed."""
+    ValueError naming the file (and the line) for a log that cannot be read or holds a row that is not
+    numbers."""
     import pandas as pd
 
     cols = ["start_s", "end_s", "output_ts_s", "num_prefill_tokens", "prefill_context", "num_decodes",
             "decode_context_sum", "batch_size", "num_prefill_chunks", "cpu_s", "wall_s", "num_outputs"]
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, dtype=str)
     except FileNotFoundError:
         return pd.DataFrame(columns=cols)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read the engine's step log ({e})") from None
     if list(df.columns) != list(COLUMNS):
         raise ValueError(f"{path}: the engine's step log has columns {list(df.columns)}, expected {list(COLUMNS)}")
+    num = df.apply(pd.to_numeric, errors="coerce")
+    bad = num.isna().any(axis=1).to_numpy()
+    if bad.any():  # a row that is not numbers (a second header, a row cut short, anything else)
+        i = int(bad.argmax())
+        raise ValueError(f"{path}: line {i + 2} of the engine's step log is not {len(COLUMNS)} numbers: "
+                         f"{','.join(str(v) for v in df.iloc[i].tolist())}")
+    df = num
     df = df[(df["start_mono_s"] >= t0_monotonic) & (df["start_mono_s"] <= t0_monotonic + wall_s)]
     out = df.drop(columns=["start_mono_s", "end_mono_s"]).copy()
     out.insert(0, "start_s", df["start_mono_s"] - t0_monotonic)

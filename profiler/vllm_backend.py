@@ -99,6 +99,9 @@ def prepare_environment(cfg: VllmEngineConfig) -> dict[str, str]:
         "DO_NOT_TRACK": "1",
     }
     os.environ.update(env)
+    if os.environ.pop("SLOSIM_STEP_LOG", None):  # profiler.steplog would log (and slow) this engine's steps
+        log.warning("SLOSIM_STEP_LOG is set in the environment: ignored here (it is for a served engine core; "
+                    "experiments.validate mode=server sets it)")
     return env
 
 

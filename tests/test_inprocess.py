@@ -184,6 +184,10 @@ def test_reference_steps_fit_the_token_budget():
     (["calibration.min_cpu_fraction=1.5"], "calibration.min_cpu_fraction"),
     (["calibration.track.enabled=maybe"], "calibration.track.enabled"),
     (["step_replay=sometimes"], "step_replay"),
+    # server mode reads these after each replay too: checked before the server starts
+    (["mode=server", "calibration.track.window_s=-1"], "calibration.track.window_s"),
+    (["mode=server", "step_replay=maybe"], "step_replay"),
+    (["mode=server", "calibration.track.enabled=maybe"], "calibration.track.enabled"),
     (["calibration.reference.mixed_chunks=[9999]"], "calibration.reference.mixed_chunks"),
     (["calibration.reference.decode_batches=[0]"], "calibration.reference.decode_batches"),
     (["calibration.reference.decode_batches=[]"], "calibration.reference.decode_batches"),
@@ -196,6 +200,29 @@ def test_bad_inprocess_settings_stop_before_an_engine_starts(tmp_path, override,
     cfg = compose_validate(["~workloads.code", *override])
     with pytest.raises(InputError, match=expected.replace(".", r"\.")):
         run(cfg, tmp_path)
+    if override[0].startswith("mode="):  # no report claiming a run is under way
+        assert not (tmp_path / "validation.json").exists()
+
+
+def test_each_run_is_checked_on_its_tracked_errors_or_else_its_calibrated_ones(tmp_path):
+    """A run without a speed-tracked view (no step log) is still held to the tolerance (tolerance.view=tracked)."""
+    from experiments.live.simulate import Report
+    from experiments.validate import _finish
+
+    def err(rel):
+        return [{"workload": "conv", "load": 0.3, "metric": "ttft", "percentile": 50, "live_s": 1.0,
+                 "sim_s": 1.0 + rel, "rel_error": rel}]
+
+    cfg = compose_validate(["tolerance.p50=0.05"])
+    report = Report(tmp_path / "validation.json", {})
+    report.add_run({"label": "a", "errors": err(0.30), "errors_tracked": err(0.01)})
+    report.add_run({"label": "b", "errors": err(0.20)})  # no tracked view
+    _finish(report, cfg, 0.0)
+    assert [v["sim_s"] for v in report.data["violations"]] == [1.2]
+    assert report.data["tolerance_view"] == "tracked (calibrated for ['b'])"
+    cfg = compose_validate(["tolerance.p50=0.05", "tolerance.view=calibrated"])
+    _finish(report, cfg, 0.0)
+    assert [v["sim_s"] for v in report.data["violations"]] == [1.3, 1.2]
 
 
 def test_a_replay_is_void_for_a_5_percent_claim_when_the_speed_moved_or_the_cpu_was_taken():
@@ -302,9 +329,11 @@ def test_step_replay_reproduces_an_engine_that_schedules_as_the_simulator(policy
     pre = int(live.requests["num_preemptions"].sum())
     if kv_blocks < 100:
         assert pre > 5  # the starved cases do reach preemption
-    res = step_replay(cfg, _sim_steps_as_live(live), wl, replica, pre)
+    as_live = wl.merge(live.requests[["request_id", "num_preemptions"]], on="request_id")
+    res = step_replay(cfg, _sim_steps_as_live(live), as_live, replica)
     assert res["first_divergence_step"] is None and res["identical_steps"] == res["num_steps_live"] == res["num_steps_sim"]
-    assert res["preemptions_sim"] == res["preemptions_live"] == pre
+    assert res["share_identical"] == 1.0
+    assert res["preemptions_sim"] == res["preemptions_live"] == pre and res["preempted_requests_differ"] == []
     # an engine that served in another order (FCFS here vs priority, or priority vs FCFS) is told apart
     other = "vllm_priority" if policy == "fcfs" else "fcfs"
     ocfg = compose_validate([f"policy={other}"] + (["priority.enabled=true"] if other == "vllm_priority" else []))
@@ -313,5 +342,8 @@ def test_step_replay_reproduces_an_engine_that_schedules_as_the_simulator(policy
         if other == "vllm_priority":
             ocfg.policy.priorities = {"high": 0, "low": 1}
     olive = simulate_like_engine(ocfg, wl, engine_replica(ocfg, EngineFacts(kv_blocks, 128, limits)))
-    ores = step_replay(cfg, _sim_steps_as_live(olive), wl, replica, int(olive.requests["num_preemptions"].sum()))
+    ores = step_replay(cfg, _sim_steps_as_live(olive), wl.merge(olive.requests[["request_id", "num_preemptions"]],
+                                                               on="request_id"), replica)
     assert ores["first_divergence_step"] is not None and ores["share_identical"] < 1.0
+    if pre or int(olive.requests["num_preemptions"].sum()):  # under starvation the two served differently
+        assert ores["preempted_requests_differ"]

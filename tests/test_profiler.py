@@ -228,6 +228,35 @@ def test_step_log_reader_slices_by_the_replay_clock_and_names_a_bad_file(tmp_pat
     bad.write_text("start,end\n1,2\n")
     with pytest.raises(ValueError, match="bad.csv"):
         steplog.read_steps(bad, 0.0, 10.0)
+    # damaged rows: a second header, a row cut short by a crash, a word; and a folder in the file's place
+    header = ",".join(steplog.COLUMNS)
+    good = "100.0,100.02,0.019,0,0,4,400,4,0,4"
+    for name, text, line in (("dup", f"{header}\n{good}\n{header}\n", 3), ("cut", f"{header}\n{good}\n100.5,100.6\n", 3),
+                             ("word", f"{header}\ngarbage,x,y,0,0,1,5,1,0,1\n", 2)):
+        p = tmp_path / f"{name}.csv"
+        p.write_text(text)
+        with pytest.raises(ValueError, match=rf"{name}\.csv: line {line} "):
+            steplog.read_steps(p, 0.0, 1e9)
+    (tmp_path / "dir.csv").mkdir()
+    with pytest.raises(ValueError, match="dir.csv"):
+        steplog.read_steps(tmp_path / "dir.csv", 0.0, 1.0)
+
+
+def test_a_step_log_that_cannot_be_written_never_stops_the_engine(tmp_path, capsys):
+    from profiler import steplog
+
+    assert steplog._open(str(tmp_path / "no" / "such" / "folder" / "log.csv")) is None
+    assert "cannot open the step log SLOSIM_STEP_LOG=" in capsys.readouterr().err
+
+
+def test_the_profiler_and_in_process_engines_never_log_their_steps(monkeypatch):
+    import os
+
+    from profiler.vllm_backend import VllmEngineConfig, prepare_environment
+
+    monkeypatch.setenv("SLOSIM_STEP_LOG", "/tmp/somewhere.csv")
+    prepare_environment(VllmEngineConfig(model_dir="unused"))
+    assert "SLOSIM_STEP_LOG" not in os.environ
 
 
 def test_step_log_plugin_does_nothing_without_its_variable(monkeypatch):

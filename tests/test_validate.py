@@ -511,3 +511,14 @@ def test_the_simulated_replica_comes_from_the_one_wiring_with_the_engines_kv():
         engine_replica(compose_validate(["cluster.max_num_seqs=64"]), EngineFacts(7, 32, limits))
     with pytest.raises(InputError, match="cluster.num_replicas"):
         engine_replica(compose_validate(["cluster.num_replicas=2"]))
+
+
+def test_a_vllm_plugins_list_without_the_step_log_is_named(monkeypatch):
+    from experiments.live.server_mode import step_log_blocker
+
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    assert step_log_blocker(compose_validate(["mode=server"])) == ""
+    cfg = compose_validate(["mode=server", "+server.env.VLLM_PLUGINS=lora_filesystem_resolver"])
+    assert "VLLM_PLUGINS='lora_filesystem_resolver' leaves out slosim's step-log plugin" in step_log_blocker(cfg)
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver, slosim_step_log")
+    assert step_log_blocker(compose_validate(["mode=server"])) == ""

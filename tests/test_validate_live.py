@@ -130,7 +130,7 @@ def test_short_inprocess_validation_against_vllm(tmp_path):
             # differ where a one-token prompt or an arrival within 0.1 ms of a step start falls differently
             sr = res["step_replay"]
             assert sr["share_identical"] >= STEP_REPLAY_MIN_SHARE and sr["num_steps_live"] > 100, sr
-            assert sr["preemptions_sim"] == sr["preemptions_live"], sr
+            assert sr["preemptions_sim"] == sr["preemptions_live"] and not sr["preempted_requests_differ"], sr
             calibrated = {(e["metric"], e["percentile"]): round(e["rel_error"], 3) for e in res["errors"]}
             tracked = {(e["metric"], e["percentile"]): round(e["rel_error"], 3) for e in res["errors_tracked"]}
             assert len(calibrated) >= 12 and all(np.isfinite(v) for v in calibrated.values()), calibrated

@@ -85,15 +85,21 @@ def check_calibration(cfg: DictConfig) -> None:
     for key in ("after", "pool_after"):
         if not isinstance(c.get(key, True), bool):
             raise InputError("must be true or false", field=f"calibration.{key}", value=c.get(key))
-    trk = c.get("track") or {}
-    if not isinstance(trk.get("enabled", True), bool):
-        raise InputError("must be true or false", field="calibration.track.enabled", value=trk.get("enabled"))
     for key, lo, hi in (("min_cpu_fraction", 0.0, 1.0), ("max_drift", 0.0, None), ("max_contended_time_share", 0.0, 1.0)):
         v = c.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo or (hi is not None and v > hi):
             raise InputError(f"must be a number in [{lo:g}, {'inf' if hi is None else f'{hi:g}'}]",
                              field=f"calibration.{key}", value=v)
     reference_steps(cfg).check_budget(int(cfg.server.max_num_batched_tokens))
+    check_tracking(cfg)
+
+
+def check_tracking(cfg: DictConfig) -> None:
+    """The speed-track and step-replay settings (read after each replay, in both modes), checked before
+    an engine or server starts (InputError naming the field)."""
+    trk = cfg.calibration.get("track") or {}
+    if not isinstance(trk.get("enabled", True), bool):
+        raise InputError("must be true or false", field="calibration.track.enabled", value=trk.get("enabled"))
     track_window_s(cfg)
     if not isinstance(cfg.get("step_replay", True), bool):
         raise InputError("must be true or false", field="step_replay", value=cfg.get("step_replay"))
@@ -309,7 +315,7 @@ def one_run(cfg, label, workload_name, load, wl, engine: InProcessEngine, replic
             res["per_class_tracked"] = per_class(live.requests, tsim.requests, tsim.steps, workload_name, load,
                                                  extra, classes)
     if bool(cfg.get("step_replay", True)):  # the scheduling checked step by step on the engine's own step times
-        res["step_replay"] = step_replay(cfg, live.steps, sent, replica, live.counters["num_preemptions"])
+        res["step_replay"] = step_replay(cfg, live.steps, sent, replica)
     res.update(label=label, mode="inprocess", live_wall_s=live.wall_s, replay_overhead=live.overhead,
                engine_counters=live.counters, machine=machine, machine_after=machine_after,
                request_failures=live.requests.loc[live.requests["outcome"] != FINISHED, "reject_reason"]
@@ -386,10 +392,12 @@ def print_run(res: dict) -> None:
     sr = res.get("step_replay")
     if sr:
         where = ("every step" if sr["first_divergence_step"] is None else
-                 f"first divergence at step {sr['first_divergence_step']} (t={sr['first_divergence_s']:.2f} s)")
-        print(f"  step replay (the engine's own step times): {sr['identical_steps']}/{min(sr['num_steps_live'], sr['num_steps_sim'])}"
-              f" steps with the same tokens and batch size, {where}; preemptions live {sr['preemptions_live']} "
-              f"sim {sr['preemptions_sim']}")
+                 f"first divergence at step {sr['first_divergence_step']}"
+                 + (f" (t={sr['first_divergence_s']:.2f} s)" if sr["first_divergence_s"] is not None else ""))
+        print(f"  step replay (the engine's own step times): {sr['identical_steps']} of {sr['num_steps_live']} live "
+              f"steps ({sr['num_steps_sim']} simulated) with the same tokens and batch size, {where}; preemptions "
+              f"live {sr['preemptions_live']} sim {sr['preemptions_sim']}, "
+              f"{len(sr['preempted_requests_differ'])} requests preempted a different number of times")
     if before:
         drift = sp.get("drift")
         print(f"  speed scale ({sp.get('mode')}, {sp.get('used', 'before')}) prefill {before['prefill']:.3f} "

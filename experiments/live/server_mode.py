@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def run_server(cfg: DictConfig, out: Path, report: Report, pools: list[RequestPo
     """Start the server, calibrate, replay every (shape, load, repeat), simulate and compare, adding each
     run to `report`; the server is always stopped (its exit status and any process left are recorded)."""
     scfg = dataclasses.replace(scfg, env={STEP_LOG_ENV: str((out / STEP_LOG).resolve()), **scfg.env})  # step log
+    if step_log_blocker(cfg):
+        log.warning("no speed-tracked view in this run: %s", step_log_blocker(cfg))
     server = _start_server(cfg, scfg, out)
     try:
         server.start()
@@ -94,6 +97,16 @@ def run_server(cfg: DictConfig, out: Path, report: Report, pools: list[RequestPo
         rc = server.stop()
         report.data["server_exit_status"] = rc
         report.data["server_pids_left_running"] = server.survivors()
+
+
+def step_log_blocker(cfg: DictConfig) -> str:
+    """Why vLLM will not load the step-log plugin in the server ('' when nothing says so): VLLM_PLUGINS,
+    in this environment or in `server.env`, lists the plugins vLLM loads, and not ours."""
+    env = {**os.environ, **{str(k): str(v) for k, v in (cfg.server.get("env") or {}).items()}}
+    plugins = env.get("VLLM_PLUGINS")
+    if plugins is None or "slosim_step_log" in [p.strip() for p in plugins.split(",")]:
+        return ""
+    return f"VLLM_PLUGINS={plugins!r} leaves out slosim's step-log plugin (add slosim_step_log to it)"
 
 
 def _start_server(cfg: DictConfig, scfg: ServerConfig, out_dir: Path) -> LiveServer:
@@ -347,8 +360,10 @@ def _served_steps(cfg, res, live: LiveRun, out: Path, run_dir: Path, profile, se
                        "num_steps_with_outputs": int((steps["num_outputs"] > 0).sum()),
                        "num_steps_metrics": live.counters.get("num_steps")}
     if steps.empty:
-        res["step_log"]["missing"] = (f"no engine steps in {out / STEP_LOG}: is slosim installed in the server's "
-                                      "Python (pip install -e .), so that vLLM loads its step-log plugin?")
+        res["step_log"]["missing"] = (f"no engine steps in {out / STEP_LOG}: "
+                                      + (step_log_blocker(cfg) or "is slosim installed in the server's Python "
+                                         "(pip install -e .), so that vLLM loads its step-log plugin? (server.log "
+                                         "says why if the plugin could not write the file)"))
         log.warning("%s", res["step_log"]["missing"])
         return None
     steps.to_parquet(run_dir / "steps_live.parquet", index=False)
@@ -376,7 +391,7 @@ def _print_run(res: dict) -> None:
     print(f"  throughput req/s live {tl['requests_per_s']:.3f} sim {ts['requests_per_s']:.3f} "
           f"({100 * _nz(res['throughput']['rel_error_requests_per_s']):+.1f}%); "
           f"mean running live {_nz(mb.get('live_s_avg')):.2f} sim {_nz(mb.get('sim_at_live_samples')):.2f}; "
-          f"e2e corr pearson {_nz(corr['pearson']):.3f}; steps live {res['steps']['live_num_steps']} "
+          f"e2e corr pearson {_nz(corr['pearson']):.3f}; steps live {_int(res['steps']['live_num_steps'])} "
           f"sim {res['steps']['sim_num_steps']}")
     print(f"  client: send lag p99 {1e3 * _nz(oh['send_lag_s']['p99']):.2f} ms, loop lag p99 "
           f"{1e3 * _nz(oh['loop_lag_s']['p99']):.2f} ms, cpu {100 * _nz(oh['client_cpu_fraction']):.1f}% of a core, "
@@ -396,3 +411,7 @@ def _print_run(res: dict) -> None:
 
 def _nz(x) -> float:
     return math.nan if x is None else float(x)
+
+
+def _int(x) -> str:
+    return "?" if x is None or (isinstance(x, float) and math.isnan(x)) else str(int(x))

@@ -49,12 +49,16 @@ class LiveStepDurations:
         return self.base.model_load_s()
 
 
-def step_replay(cfg, steps: pd.DataFrame, requests: pd.DataFrame, replica, live_preemptions: int) -> dict:
-    """Simulate `requests` (the live arrivals) on `replica` with the live `steps`' durations in order
-    (`LiveStepDurations`, no fast-forward: one cost-model call per step) and compare the two step
-    sequences. Returns num_steps_live / num_steps_sim, identical_steps (same tokens and batch size at the
-    same index, over the shorter sequence), share_identical, first_divergence_step / _s (None when
-    none), preemptions_live / preemptions_sim."""
+def step_replay(cfg, steps: pd.DataFrame, requests: pd.DataFrame, replica) -> dict:
+    """Simulate `requests` (the live request table: arrivals, lengths, and `num_preemptions` as the engine
+    counted them) on `replica` with the live `steps`' durations in order (`LiveStepDurations`, no
+    fast-forward: one cost-model call per step) and compare the two step sequences. Returns
+    num_steps_live / num_steps_sim; identical_steps (same tokens and batch size at the same index);
+    share_identical (over the longer sequence, so that extra steps on either side count against it; steps
+    are matched by index, so after a divergence alike decode steps can match again);
+    first_divergence_step / _s (None when none, including when one side only has more steps);
+    preemptions_live / preemptions_sim (totals) and preempted_requests_differ (requests whose
+    preemption count differs between the two)."""
     from experiments.live.simulate import simulate_like_engine
 
     live = steps[(steps["num_prefill_tokens"] + steps["num_decodes"]) > 0].reset_index(drop=True)
@@ -69,9 +73,15 @@ def step_replay(cfg, steps: pd.DataFrame, requests: pd.DataFrame, replica, live_
 
     same = (composition(s) == composition(live)).all(axis=1) if n else np.zeros(0, dtype=bool)
     first = None if same.all() else int(np.argmin(same))
+    if first is None and len(s) != len(live):
+        first = n  # one side ran more steps
+    longest = max(len(s), len(live))
+    pre_live = requests.set_index("request_id")["num_preemptions"].astype(int)
+    pre_sim = sim.requests.set_index("request_id")["num_preemptions"].astype(int).reindex(pre_live.index).fillna(0)
+    differ = pre_live.index[(pre_live != pre_sim).to_numpy()]
     return {"num_steps_live": int(len(live)), "num_steps_sim": int(len(s)), "identical_steps": int(same.sum()),
-            "share_identical": float(same.mean()) if n else float("nan"),
+            "share_identical": float(same.sum() / longest) if longest else float("nan"),
             "first_divergence_step": first,
-            "first_divergence_s": None if first is None else float(live["start_s"].iloc[first]),
-            "preemptions_live": int(live_preemptions),
-            "preemptions_sim": int(sim.requests["num_preemptions"].sum())}
+            "first_divergence_s": None if first is None or first >= len(live) else float(live["start_s"].iloc[first]),
+            "preemptions_live": int(pre_live.sum()), "preemptions_sim": int(sim.requests["num_preemptions"].sum()),
+            "preempted_requests_differ": [int(x) for x in differ]}
