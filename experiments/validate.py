@@ -45,6 +45,7 @@ from experiments.live.simulate import (  # noqa: F401 - re-exported: the names t
     TARGET, EngineFacts, Report, ServingOverheadCostModel, engine_replica, live_noise, machine_state,
     noise_accounting, simulate_like_engine, target_counts, tolerance_violations,
 )
+from experiments.live.step_replay import summarise as summarise_step_replay
 from experiments.live.workloads import ShapeSpec, load_pool, run_workload  # noqa: F401 - re-exported
 from sim.errors import InputError
 from sim.paths import project_path
@@ -179,12 +180,7 @@ def _finish(report: Report, cfg: DictConfig, t_start: float) -> None:
     report.data["void_runs"] = {r["label"]: r["void"] for r in runs if r.get("void")}
     sr = [r["step_replay"] for r in runs if r.get("step_replay")]
     if sr:  # in-process: the scheduling checked step by step on the engine's own step times
-        report.data["step_replay"] = {
-            "identical_steps": sum(x["identical_steps"] for x in sr),
-            "num_steps": sum(max(x["num_steps_live"], x["num_steps_sim"]) for x in sr),
-            "requests_preempted_differently": sum(len(x.get("preempted_requests_differ", [])) for x in sr),
-            "preemptions_live": sum(x["preemptions_live"] for x in sr),
-            "preemptions_sim": sum(x["preemptions_sim"] for x in sr)}
+        report.data["step_replay"] = summarise_step_replay(sr)
     if any(r.get("per_class") for r in runs):
         pc = [e for r in runs for c in (r.get("per_class") or {}).values() for e in c["errors"]]
         report.data["counts"]["per_class"] = target_counts(pc)

@@ -24,6 +24,7 @@ from experiments.live.calibration import (
     ReferenceSteps, ScaledCostModel, SpeedCalibration, calibrate_speed, pooled, step_price_errors,
 )
 from experiments.live.speed_track import simulate_tracked
+from experiments.live.step_replay import describe as describe_step_replay
 from experiments.live.step_replay import step_replay
 from experiments.live.inprocess import InProcessConfig, InProcessEngine
 from experiments.live.server import ServerError
@@ -389,15 +390,8 @@ def print_run(res: dict) -> None:
           f"preemptions live {res['steps']['live_num_preemptions']} sim {res['steps']['sim_num_preemptions']}")
     if res.get("void"):
         print(f"  VOID for a 5% claim: {'; '.join(res['void'])}")
-    sr = res.get("step_replay")
-    if sr:
-        where = ("every step" if sr["first_divergence_step"] is None else
-                 f"first divergence at step {sr['first_divergence_step']}"
-                 + (f" (t={sr['first_divergence_s']:.2f} s)" if sr["first_divergence_s"] is not None else ""))
-        print(f"  step replay (the engine's own step times): {sr['identical_steps']} of {sr['num_steps_live']} live "
-              f"steps ({sr['num_steps_sim']} simulated) with the same tokens and batch size, {where}; preemptions "
-              f"live {sr['preemptions_live']} sim {sr['preemptions_sim']}, "
-              f"{len(sr['preempted_requests_differ'])} requests preempted a different number of times")
+    if res.get("step_replay"):
+        print(f"  {describe_step_replay(res['step_replay'])}")
     if before:
         drift = sp.get("drift")
         print(f"  speed scale ({sp.get('mode')}, {sp.get('used', 'before')}) prefill {before['prefill']:.3f} "

@@ -85,3 +85,23 @@ def step_replay(cfg, steps: pd.DataFrame, requests: pd.DataFrame, replica) -> di
             "first_divergence_s": None if first is None or first >= len(live) else float(live["start_s"].iloc[first]),
             "preemptions_live": int(pre_live.sum()), "preemptions_sim": int(sim.requests["num_preemptions"].sum()),
             "preempted_requests_differ": [int(x) for x in differ]}
+
+
+def describe(sr: dict) -> str:
+    """One line of a run's `step_replay` result, for the console."""
+    where = ("every step" if sr["first_divergence_step"] is None else
+             f"first divergence at step {sr['first_divergence_step']}"
+             + (f" (t={sr['first_divergence_s']:.2f} s)" if sr["first_divergence_s"] is not None else ""))
+    return (f"step replay (the engine's own step times): {sr['identical_steps']} of {sr['num_steps_live']} live "
+            f"steps ({sr['num_steps_sim']} simulated) with the same tokens and batch size, {where}; preemptions "
+            f"live {sr['preemptions_live']} sim {sr['preemptions_sim']}, "
+            f"{len(sr['preempted_requests_differ'])} requests preempted a different number of times")
+
+
+def summarise(results: list[dict]) -> dict:
+    """The runs' `step_replay` results summed (validation.json's top-level `step_replay`)."""
+    return {"identical_steps": sum(x["identical_steps"] for x in results),
+            "num_steps": sum(max(x["num_steps_live"], x["num_steps_sim"]) for x in results),
+            "requests_preempted_differently": sum(len(x.get("preempted_requests_differ", [])) for x in results),
+            "preemptions_live": sum(x["preemptions_live"] for x in results),
+            "preemptions_sim": sum(x["preemptions_sim"] for x in results)}
